@@ -1,0 +1,111 @@
+"""Batched HFBackend vs one-prompt-at-a-time `model.generate`: generated tokens per second.
+
+Run by hand, never asserted in tests:
+    .venv/bin/python bench/bench_generate.py --model models/base --prompts 32 --max-new-tokens 64
+Prints a small table, then one JSON line (last line) for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory only; never reach for the hub
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from closedloop.generate import HFBackend, SamplingParams, render_prompt
+
+TOPICS = ["prime numbers", "the water cycle", "a haiku about autumn", "binary search", "photosynthesis",
+          "the French revolution", "how vaccines work", "a limerick about a cat", "recursion", "black holes",
+          "compound interest", "the rules of chess", "why the sky is blue", "a packing list for camping"]
+TEMPLATES = ["Explain {} in one paragraph.", "Write {}.", "Give three facts about {}.",
+             "Summarise {} for a ten-year-old, in detail, using an example and a short analogy at the end.",
+             "{}?"]
+
+
+def make_prompts(n: int) -> list[list[dict]]:
+    """Varied chat prompts (different lengths, some with a system turn), deterministic."""
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": TEMPLATES[i % len(TEMPLATES)].format(TOPICS[i % len(TOPICS)])}]
+        if i % 3 == 0:
+            msgs.insert(0, {"role": "system", "content": "You are a concise, helpful assistant."})
+        out.append(msgs)
+    return out
+
+
+def sequential(model, tokenizer, prompts, params: SamplingParams, stop_ids: list[int]) -> tuple[int, float]:
+    """Plain `model.generate`, one prompt (x n samples) at a time; returns (generated tokens, seconds)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad)
+    if params.temperature == 0:
+        kw.update(do_sample=False)
+    else:
+        kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
+                  num_return_sequences=params.n)
+    torch.manual_seed(params.seed)
+    stops, tokens = set(stop_ids), 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([tokenizer.encode(render_prompt(tokenizer, p), add_special_tokens=False)])
+            seqs = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), **kw)
+            for row in seqs[:, ids.shape[1]:].tolist():
+                tokens += next((i for i, t in enumerate(row) if t in stops), len(row))
+    # Greedy decodes once per prompt (n identical copies), matching what HFBackend computes and counts.
+    return tokens, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/base", help="local HF model dir (default: models/base)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n", type=int, default=1, help="completions per prompt")
+    ap.add_argument("--greedy", action="store_true", help="temperature 0 (default: sample at T=0.8, top_p=0.95)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    path = Path(args.model)
+    if not (path / "config.json").exists():
+        sys.exit(f"no model at {path}; materialise the base model first with: closedloop stage base")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    params = SamplingParams(n=args.n, temperature=0.0 if args.greedy else 0.8, top_p=0.95,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    prompts = make_prompts(args.prompts)
+
+    backend = HFBackend(model, tokenizer, batch_size=args.batch_size, show_progress=False)
+    backend.generate(prompts[:1], SamplingParams(max_new_tokens=2))  # warm-up: first-call overheads
+    warm = dict(backend.stats)
+    backend.generate(prompts, params)
+    b_tok = backend.stats["generated_tokens"] - warm["generated_tokens"]
+    b_sec = backend.stats["seconds"] - warm["seconds"]
+    s_tok, s_sec = sequential(model, tokenizer, prompts, params, backend.stop_ids)
+
+    b_tps, s_tps = b_tok / b_sec, s_tok / s_sec
+    print(f"model={path} prompts={args.prompts} n={args.n} max_new_tokens={args.max_new_tokens} "
+          f"batch_size={args.batch_size} {'greedy' if args.greedy else 'T=0.8 top_p=0.95'} "
+          f"threads={torch.get_num_threads()} device={model.device}")
+    print(f"{'mode':<12}{'tokens':>8}{'seconds':>10}{'tok/s':>10}")
+    print(f"{'batched':<12}{b_tok:>8}{b_sec:>10.2f}{b_tps:>10.1f}")
+    print(f"{'sequential':<12}{s_tok:>8}{s_sec:>10.2f}{s_tps:>10.1f}")
+    print(f"speedup: {b_tps / s_tps:.2f}x")
+    print(json.dumps({
+        "model": str(path), "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "greedy": args.greedy, "threads": torch.get_num_threads(),
+        "batched": {"tokens": b_tok, "seconds": round(b_sec, 3), "tok_per_s": round(b_tps, 2)},
+        "sequential": {"tokens": s_tok, "seconds": round(s_sec, 3), "tok_per_s": round(s_tps, 2)},
+        "speedup": round(b_tps / s_tps, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

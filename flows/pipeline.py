@@ -1,0 +1,115 @@
+"""The pipeline flow: one Prefect task per DVC stage, in the order dvc.yaml's graph gives.
+
+    python flows/pipeline.py                      # the whole graph
+    python flows/pipeline.py --target eval_rft    # only what eval_rft needs (the RFT branch)
+
+The graph is read from dvc.yaml through DVC's own API, never copied by hand. params.yaml is
+validated before any compute. One parent MLflow run per flow run; each stage opens a nested run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import _bootstrap  # sets PREFECT_HOME and offline variables before prefect loads
+
+if __name__ == "__main__":
+    _bootstrap.check_params_or_exit(sys.argv[1:])
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from closedloop import tracking
+from closedloop.config import load_params
+from closedloop.errors import UserError
+from tasks.dvc_stage import run_stage
+from tasks.report import publish_results
+from tasks.tracking import parent_run, tag_lineage
+
+ROOT = _bootstrap.ROOT
+
+
+def stage_graph(root: Path) -> dict[str, list[str]]:
+    """{stage: [upstream stages]} in dvc.yaml order, from DVC's index graph."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        return {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)) for s in stages}
+
+
+def execution_order(graph: dict[str, list[str]], targets: list[str] | None = None) -> list[str]:
+    """Topological order (dvc.yaml order among ready stages), restricted to the targets' ancestry."""
+    unknown = [t for t in targets or [] if t not in graph]
+    if unknown:
+        raise UserError(f"dvc.yaml: no stage named {', '.join(map(repr, unknown))} (stages: {', '.join(graph)})")
+    wanted = set(graph)
+    if targets:
+        wanted, todo = set(), list(targets)
+        while todo:
+            s = todo.pop()
+            if s not in wanted:
+                wanted.add(s)
+                todo.extend(graph[s])
+    order: list[str] = []
+    while len(order) < len(wanted):
+        ready = [s for s in graph if s in wanted and s not in order and all(u in order for u in graph[s])]
+        if not ready:
+            raise UserError("dvc.yaml: the stage graph has a cycle")
+        order.append(ready[0])
+    return order
+
+
+def mlflow_ui_command(params) -> str:
+    uri = params.tracking.tracking_uri or tracking.default_tracking_uri(ROOT)
+    return f"{shlex.quote(str(Path(sys.executable).parent / 'mlflow'))} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+@flow(name="closedloop-pipeline", log_prints=True)
+def pipeline(targets: list[str] | None = None, params_file: str = "params.yaml") -> dict:
+    logger = get_run_logger()
+    params = load_params(ROOT / params_file)  # before any compute
+    order = execution_order(stage_graph(ROOT), targets)
+    logger.info("stages: %s", " -> ".join(order))
+    flow_run_id = str(flow_run.get_id() or "")
+    executed: list[str] = []
+    with parent_run(ROOT, params, flow_run_id, targets or []) as parent_id:
+        env = {tracking.PARENT_RUN_ENV: parent_id, tracking.FLOW_RUN_ENV: flow_run_id}
+        for stage in order:
+            result = run_stage(stage, str(ROOT), env)
+            if result["ran"]:
+                executed.append(stage)
+                tag_lineage(str(ROOT), params, parent_id, stage)
+        ui = mlflow_ui_command(params)
+        table = publish_results(str(ROOT), ui)
+    logger.info("stages run: %s", ", ".join(executed) or "none")
+    return {"executed": executed, "parent_run_id": parent_id, "order": order, "table": table, "mlflow_ui": ui}
+
+
+def print_summary(result: dict) -> None:
+    if result["table"]:
+        print("\n" + result["table"])
+    print(f"stages run: {', '.join(result['executed']) or 'none (everything up to date)'}")
+    print(f"Open the MLflow UI on these runs:\n  {result['mlflow_ui']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", action="append", default=None, help="stage to bring up to date (repeatable)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        print_summary(pipeline(targets=args.target, params_file=args.params))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Batched sampling: many prompts x n completions through one model, reproducibly.
+
+`HFBackend` wraps `model.generate` with left-padded, length-sorted batches and a KV cache.
+For a fixed seed, prompts, params and `batch_size`, outputs are identical across runs and
+backend instances on CPU. They DO depend on `batch_size`: batch composition changes both the
+padding each prompt sees and which random draws it gets, so keep `batch_size` fixed (record it)
+when comparing runs. On GPU, kernels may be non-deterministic; expect near-identical outputs.
+Greedy (temperature 0) decodes each prompt once and returns n equal copies.
+
+`HFBackend.stats` accumulates prompt/generated token counts and wall seconds over calls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from closedloop.errors import UserError
+
+# A chat (list of {"role", "content"} messages, rendered with the chat template plus the
+# assistant header) or raw text used as is.
+Prompt = Union[list[dict], str]
+
+# End-of-turn markers of common chat templates. One counts as a stop token only if the
+# tokenizer's template mentions it and it is a single token in the vocabulary.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 0.8  # 0 -> greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise UserError(f"sampling: n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise UserError(f"sampling: temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"sampling: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int  # generated tokens, EOS excluded
+    finish_reason: str  # "stop" (EOS/stop token) or "length"
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]: ...
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+    """Chat messages -> template text ending in the assistant header; a string passes through."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("prompt is a list of chat messages but the tokenizer has no chat_template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from the model's generation config and tokenizer, plus the template's end-of-turn token."""
+    ids: list[int] = []
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template if isinstance(template, str) else str(template)
+    for tok in _END_OF_TURN:
+        if tok in template:
+            # A marker split into several pieces would not be a reliable single-step stop.
+            pieces = tokenizer.encode(tok, add_special_tokens=False)
+            if len(pieces) == 1 and pieces[0] != tokenizer.unk_token_id and pieces[0] not in ids:
+                ids.append(int(pieces[0]))
+    if not ids:
+        raise UserError("generation: neither the model's generation_config nor the tokenizer defines an EOS token")
+    return ids
+
+
+class HFBackend:
+    """`model.generate` over left-padded batches of `batch_size` sequences (prompts x n)."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, show_progress: bool = True):
+        if batch_size < 1:
+            raise UserError(f"generation: batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        # Padding is done here rather than by the tokenizer, so the caller's tokenizer keeps its
+        # pad token and padding side; EOS stands in for a missing pad token (it is masked anyway).
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+        # Cumulative over all calls; benchmarks read them.
+        self.stats: dict[str, float] = {
+            "prompt_tokens": 0,  # real (non-pad) prompt tokens prefilled, counted once per sequence
+            "padded_prompt_tokens": 0,  # prompt positions computed, pads included
+            "generated_tokens": 0,  # EOS excluded
+            "sequences": 0,
+            "batches": 0,
+            "seconds": 0.0,
+        }
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        text = render_prompt(self.tokenizer, prompt)
+        # Chat templates already write BOS and friends; raw text gets the tokenizer's usual specials.
+        return self.tokenizer.encode(text, add_special_tokens=isinstance(prompt, str))
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[row, width - len(s) :] = 1
+        return ids, mask
+
+    def _generate_kwargs(self, params: SamplingParams, copies: int) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=copies,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            # Pin knobs a checkpoint's generation_config could otherwise slip in, so that
+            # SamplingParams alone define the distribution.
+            num_beams=1,
+            repetition_penalty=1.0,
+        )
+        if params.temperature == 0:
+            kw.update(do_sample=False)
+        else:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        return kw
+
+    def _completion(self, new_tokens: list[int]) -> Completion:
+        stops = set(self.stop_ids)
+        cut = next((i for i, t in enumerate(new_tokens) if t in stops), None)
+        kept = new_tokens if cut is None else new_tokens[:cut]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).rstrip()
+        return Completion(text=text, num_tokens=len(kept), finish_reason="length" if cut is None else "stop")
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        encoded = [self._encode(p) for p in prompts]
+        if empty := [i for i, e in enumerate(encoded) if not e]:
+            raise UserError(f"generation: prompts {empty[:5]} are empty after tokenization")
+        # Longest first: similar lengths share a batch (less padding) and a too-long batch fails early.
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        # Greedy completions are all equal (and generate refuses num_return_sequences > 1 without
+        # sampling), so decode each prompt once and repeat the result n times.
+        copies = 1 if params.temperature == 0 else params.n
+        per_batch = max(1, self.batch_size // copies)
+        batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
+        kw = self._generate_kwargs(params, copies)
+        model = self.model
+        device = model.device
+        out: list[list[Completion] | None] = [None] * len(prompts)
+        was_training = model.training
+        model.eval()
+        # fork_rng: per-batch seeding must not disturb the caller's global RNG stream.
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
+                for b, idx in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not self.show_progress)):
+                    # Seeded per batch so a batch's samples do not depend on what ran before it.
+                    torch.manual_seed(params.seed + b)
+                    ids, mask = self._left_pad([encoded[i] for i in idx])
+                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+                    new = seqs[:, ids.shape[1] :].tolist()  # rows are prompt-major: `copies` per prompt
+                    for j, i in enumerate(idx):
+                        comps = [self._completion(new[j * copies + k]) for k in range(copies)]
+                        out[i] = comps if copies == params.n else [replace(comps[0]) for _ in range(params.n)]
+                        # Stats count computed work, not the repeated greedy copies.
+                        self.stats["prompt_tokens"] += len(encoded[i]) * copies
+                        self.stats["generated_tokens"] += sum(c.num_tokens for c in comps)
+                    self.stats["padded_prompt_tokens"] += ids.numel() * copies
+                    self.stats["sequences"] += len(idx) * copies
+                    self.stats["batches"] += 1
+        finally:
+            self.stats["seconds"] += time.perf_counter() - start
+            model.train(was_training)
+        return out  # type: ignore[return-value]  # every slot is filled above
+
+
+def make_backend(name: str, model: Any, tokenizer: Any, **kw: Any) -> GenerationBackend:
+    """Backend by name: "hf" (HFBackend(model, tokenizer, **kw)) or "vllm" (hook, not implemented)."""
+    if name == "hf":
+        return HFBackend(model, tokenizer, **kw)
+    if name == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("generation backend 'vllm' needs the vllm package (pip install vllm, GPU only); use 'hf'")
+        # Hook: a VLLMBackend would load the checkpoint directory into vllm.LLM, map SamplingParams
+        # to vllm.SamplingParams(n, temperature, top_p, max_tokens, seed, stop_token_ids) and
+        # return Completions in prompt order, satisfying GenerationBackend.
+        raise NotImplementedError("generation backend 'vllm' is not implemented yet; use 'hf'")
+    raise UserError(f"unknown generation backend {name!r}; expected 'hf' or 'vllm'")

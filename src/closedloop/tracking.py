@@ -1,0 +1,129 @@
+"""MLflow helpers: one run per stage (nested under the pipeline's parent run when there is one),
+lineage tags that lead from a run back to the exact `dvc repro` that made it.
+
+Tags set here: closedloop.git_commit, closedloop.dvc_stage, closedloop.prefect_flow_run_id,
+closedloop.base_model. The DVC lock hash (closedloop.dvc_lock_md5) is known only once DVC has
+written dvc.lock after the stage, so the orchestrator adds it (see `tag_lock_hash`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PARENT_RUN_ENV = "CLOSEDLOOP_PARENT_RUN_ID"
+FLOW_RUN_ENV = "CLOSEDLOOP_PREFECT_FLOW_RUN_ID"
+
+TAG_COMMIT = "closedloop.git_commit"
+TAG_STAGE = "closedloop.dvc_stage"
+TAG_LOCK = "closedloop.dvc_lock_md5"
+TAG_FLOW_RUN = "closedloop.prefect_flow_run_id"
+TAG_BASE_MODEL = "closedloop.base_model"
+TAG_KIND = "closedloop.run_kind"  # "pipeline" or "stage"
+
+# Never logged, whatever section they appear in.
+_SECRET_HINTS = ("token", "password", "secret", "api_key", "apikey", "credential")
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def setup(root: Path, tracking_uri: str | None, experiment: str) -> str:
+    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        # Artifacts live beside the database, inside the project, with an absolute location.
+        artifacts = (root / "mlartifacts").resolve().as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif not any(h in k.lower() for h in _SECRET_HINTS):
+            out[key] = v
+    return out
+
+
+def lineage_tags(root: Path, stage: str | None, base_model: str) -> dict[str, str]:
+    tags = {TAG_COMMIT: git_commit(root), TAG_BASE_MODEL: base_model}
+    if stage:
+        tags[TAG_STAGE] = stage
+    if os.environ.get(FLOW_RUN_ENV):
+        tags[TAG_FLOW_RUN] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(root: Path, params, stage: str, sections: Mapping[str, Any]) -> Iterator[Any]:
+    """Open the MLflow run for one stage: nested under $CLOSEDLOOP_PARENT_RUN_ID when set."""
+    import mlflow
+
+    from closedloop.models import model_id
+
+    setup(root, params.tracking.tracking_uri, params.tracking.experiment)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tags = lineage_tags(root, stage, model_id(params.model.base)) | {TAG_KIND: "stage"}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
+        flat = flatten(sections)
+        if flat:
+            mlflow.log_params({k: ("null" if v is None else v) for k, v in flat.items()})
+        yield run
+
+
+def lock_entry_md5(root: Path, stage: str) -> str | None:
+    """md5 of the stage's entry in dvc.lock (deps, params and outs hashes), None if absent."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
+    if entry is None:
+        return None
+    return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+
+
+def tag_lock_hash(root: Path, tracking_uri: str | None, experiment: str, parent_run_id: str, stage: str) -> str | None:
+    """Tag the stage's newest run under `parent_run_id` with its dvc.lock hash; returns the run id."""
+    import mlflow
+
+    exp_id = setup(root, tracking_uri, experiment)
+    runs = mlflow.search_runs(
+        experiment_ids=[exp_id], output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG_STAGE}` = '{stage}'",
+    )
+    md5 = lock_entry_md5(root, stage)
+    if not runs or md5 is None:
+        return None
+    mlflow.MlflowClient().set_tag(runs[0].info.run_id, TAG_LOCK, md5)
+    return runs[0].info.run_id

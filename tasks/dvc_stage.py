@@ -1,0 +1,61 @@
+"""One DVC stage as one Prefect task: `dvc --wait-for-lock repro -s STAGE`.
+
+Prefect caching is off: DVC decides what is up to date. Transient failures (the process was
+killed, a lock could not be had) are retried; a stage that failed on bad input (closedloop
+exits 2 with one clear error) is not, because running it again cannot help.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+USER_ERROR_EXIT = 2
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, output: str, transient: bool):
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        super().__init__(f"stage {stage!r} failed (dvc exit {returncode}):\n{tail}")
+        self.transient = transient
+
+
+def _is_transient(output: str) -> bool:
+    m = re.search(r"exited with (-?\d+)", output)
+    if m:
+        return int(m.group(1)) != USER_ERROR_EXIT
+    return "lock" in output.lower() or "killed" in output.lower()
+
+
+def retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.transient
+    except Exception:
+        return True
+    return False
+
+
+def stage_ran(stage: str, output: str) -> bool:
+    """Whether DVC executed the stage command (vs. found it up to date)."""
+    return f"Running stage '{stage}'" in output
+
+
+@task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def run_stage(stage: str, root: str, env: dict[str, str]) -> dict:
+    logger = get_run_logger()
+    proc = subprocess.run(["dvc", "--wait-for-lock", "repro", "-s", stage], cwd=root,
+                          env={**os.environ, **env}, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise StageFailed(stage, proc.returncode, output, _is_transient(output))
+    ran = stage_ran(stage, output)
+    logger.info("stage %s: %s", stage, "ran" if ran else "up to date, skipped")
+    return {"stage": stage, "ran": ran}

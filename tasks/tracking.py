@@ -1,0 +1,37 @@
+"""The pipeline's parent MLflow run and the lineage tags added once DVC has locked a stage."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from closedloop import tracking
+from closedloop.models import model_id
+
+
+@contextlib.contextmanager
+def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iterator[str]:
+    tracking.setup(root, params.tracking.tracking_uri, params.tracking.experiment)
+    tags = tracking.lineage_tags(root, None, model_id(params.model.base))
+    tags |= {tracking.TAG_FLOW_RUN: flow_run_id, tracking.TAG_KIND: "pipeline"}
+    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
+        mlflow.log_params({"targets": ",".join(targets) or "all"} |
+                          {k: ("null" if v is None else v) for k, v in tracking.flatten(params_dict(params)).items()})
+        yield run.info.run_id
+
+
+def params_dict(params) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(params)
+
+
+@task(name="tag-lineage", cache_policy=NO_CACHE)
+def tag_lineage(root: str, params, parent_run_id: str, stage: str) -> str | None:
+    return tracking.tag_lock_hash(Path(root), params.tracking.tracking_uri, params.tracking.experiment,
+                                  parent_run_id, stage)

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny model checkpoint and a temporary git+DVC copy of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny_model import save_tiny_model
+
+PROJECT = Path(__file__).resolve().parents[1]
+IFEVAL = PROJECT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+VENV_BIN = str(Path(sys.executable).parent)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def project_files() -> list[str]:
+    """Files a clean clone would have (tracked, plus new files git does not ignore)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT, capture_output=True,
+                         text=True, check=True).stdout
+    return [f for f in out.splitlines() if (PROJECT / f).is_file()]
+
+
+def copy_project(dest: Path) -> Path:
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / rel, target)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "copy"], cwd=dest, check=True, env=env)
+    return dest
+
+
+def set_params(root: Path, updates: dict) -> None:
+    """Deep-merge `updates` into root/params.yaml."""
+    path = root / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+
+    def merge(d: dict, u: dict) -> None:
+        for k, v in u.items():
+            if isinstance(v, dict):
+                merge(d.setdefault(k, {}), v)
+            else:
+                d[k] = v
+
+    merge(data, updates)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def project_env(root: Path, prefect_home: Path) -> dict[str, str]:
+    return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"], "PREFECT_HOME": str(prefect_home),
+            "PREFECT_API_URL": "", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory) -> Path:
+    # One Prefect home per test session: its database is migrated once (~75 s), then reused.
+    return tmp_path_factory.mktemp("prefect_home")
+
+
+TINY_PARAMS = {
+    "prepare": {"num_train": 8, "num_eval": 6, "max_constraints": 2},
+    "rft": {"num_samples": 2, "max_new_tokens": 12, "batch_size": 8, "threshold": 0.5},
+    "sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}},
+    "evaluate": {"max_new_tokens": 12, "batch_size": 8, "bootstrap": 50},
+}
