@@ -43,14 +43,30 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
         return {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)) for s in stages}
 
 
+def stale_stages(root: Path) -> set[str]:
+    """Stages DVC reports as changed right now (one `dvc status` instead of one repro per stage)."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return set(stage_graph(root))  # let every stage's own repro report the problem
+    return {name.split(":")[-1] for name in json.loads(proc.stdout or "{}")}
+
+
 def execution_order(graph: dict[str, list[str]], targets: list[str] | None = None) -> list[str]:
-    """Topological order (dvc.yaml order among ready stages), restricted to the targets' ancestry."""
-    unknown = [t for t in targets or [] if t not in graph]
+    """Topological order (dvc.yaml order among ready stages), restricted to the targets' ancestry.
+
+    A target is a stage name, or a method name standing for its stages: "rft" = rft_* and
+    eval_rft, "spar" = every spar_* stage (all iterations)."""
+    resolved = [s for t in targets or [] for s in graph
+                if s == t or s.startswith(f"{t}_") or s == f"eval_{t}"]
+    unknown = [t for t in targets or [] if not any(s == t or s.startswith(f"{t}_") or s == f"eval_{t}" for s in graph)]
     if unknown:
-        raise UserError(f"dvc.yaml: no stage named {', '.join(map(repr, unknown))} (stages: {', '.join(graph)})")
+        raise UserError(f"dvc.yaml: no stage or method named {', '.join(map(repr, unknown))} (stages: {', '.join(graph)})")
     wanted = set(graph)
     if targets:
-        wanted, todo = set(), list(targets)
+        wanted, todo = set(), resolved
         while todo:
             s = todo.pop()
             if s not in wanted:
@@ -74,14 +90,19 @@ def mlflow_ui_command(params) -> str:
 def pipeline(targets: list[str] | None = None, params_file: str = "params.yaml") -> dict:
     logger = get_run_logger()
     params = load_params(ROOT / params_file)  # before any compute
-    order = execution_order(stage_graph(ROOT), targets)
+    graph = stage_graph(ROOT)
+    order = execution_order(graph, targets)
+    stale = stale_stages(ROOT)
     logger.info("stages: %s", " -> ".join(order))
     flow_run_id = str(flow_run.get_id() or "")
     executed: list[str] = []
     with parent_run(ROOT, params, flow_run_id, targets or []) as parent_id:
         env = {tracking.PARENT_RUN_ENV: parent_id, tracking.FLOW_RUN_ENV: flow_run_id}
         for stage in order:
-            result = run_stage(stage, str(ROOT), env)
+            # DVC decides: a stage it reported clean, none of whose upstream stages ran now, is
+            # still clean, so its task need not start `dvc repro` to hear that again.
+            known_clean = stage not in stale and not any(u in executed for u in graph[stage])
+            result = run_stage(stage, str(ROOT), env, known_clean)
             if result["ran"]:
                 executed.append(stage)
                 tag_lineage(str(ROOT), params, parent_id, stage)

@@ -49,8 +49,11 @@ def stage_ran(stage: str, output: str) -> bool:
 
 @task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def run_stage(stage: str, root: str, env: dict[str, str]) -> dict:
+def run_stage(stage: str, root: str, env: dict[str, str], known_clean: bool = False) -> dict:
     logger = get_run_logger()
+    if known_clean:
+        logger.info("stage %s: up to date (dvc status), skipped", stage)
+        return {"stage": stage, "ran": False}
     proc = subprocess.run(["dvc", "--wait-for-lock", "repro", "-s", stage], cwd=root,
                           env={**os.environ, **env}, capture_output=True, text=True)
     output = proc.stdout + proc.stderr

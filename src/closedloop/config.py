@@ -8,6 +8,7 @@ key, a wrong type or an out-of-range value raises one UserError naming it, e.g.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,71 @@ class EvaluateParams:
 
 
 @dataclass
+class DPOParams:
+    beta: float = field(default=0.1, metadata=_range(gt=0.0))
+    learning_rate: float = field(default=5e-5, metadata=_range(gt=0.0))
+    epochs: float = field(default=1.0, metadata=_range(gt=0.0))
+    batch_size: int = field(default=4, metadata=_range(ge=1))
+    grad_accum: int = field(default=1, metadata=_range(ge=1))
+    max_length: int = field(default=1024, metadata=_range(ge=8))  # prompt + completion tokens
+    lora: LoraParams = field(default_factory=LoraParams)
+    merge: bool = True  # LoRA only: save a full merged checkpoint (the next iteration starts from it)
+
+
+@dataclass
+class SparSampleParams:
+    num_samples: int = field(default=5, metadata=_range(ge=2))  # paper: 5
+    temperature: float = field(default=0.9, metadata=_range(gt=0.0))
+    top_p: float = field(default=0.9, metadata=_range(gt=0.0, le=1.0))
+    max_new_tokens: int = field(default=160, metadata=_range(ge=1))
+    max_prompts: int | None = field(default=None, metadata=_range(ge=1))  # None: every train prompt
+
+
+@dataclass
+class SparJudgeParams:
+    mode: Literal["model", "rules", "hybrid"] = "hybrid"
+    votes: int = field(default=5, metadata=_range(ge=1))  # k judgments per response, majority decides
+    temperature: float = field(default=0.7, metadata=_range(gt=0.0))
+    top_p: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
+    max_new_tokens: int = field(default=192, metadata=_range(ge=1))
+
+
+@dataclass
+class SparTreeParams:
+    strategy: Literal["bfs", "dfs"] = "bfs"
+    width: int = field(default=3, metadata=_range(ge=1))  # children per expanded node (paper: 3)
+    branches: int = field(default=2, metadata=_range(ge=1))  # nodes expanded per level (paper: 2)
+    max_depth: int = field(default=3, metadata=_range(ge=1))  # paper: 3
+    gate: float = field(default=0.5, metadata=_range(ge=0.0, le=0.99))  # success: value > gate
+    budget: int = field(default=60, metadata=_range(ge=1))  # refine generations + judge votes per tree
+    temperature: float = field(default=0.9, metadata=_range(gt=0.0))
+    top_p: float = field(default=0.9, metadata=_range(gt=0.0, le=1.0))
+    max_new_tokens: int = field(default=256, metadata=_range(ge=1))
+    roots_per_prompt: int = field(default=1, metadata=_range(ge=1))  # failing responses refined per prompt
+
+
+@dataclass
+class SparParams:
+    # {name: the iteration it starts from}, in order; "init" = the spar.init_* models. DVC templating
+    # has no arithmetic, so each entry names its predecessor; add an entry to run one more
+    # iteration (nothing before it reruns). Stage names are spar_*@<name>; outputs go to
+    # models/spar/<name> and data/spar/<name>. Validated: each entry starts from the one before it.
+    iterations: dict[str, str] = field(default_factory=lambda: {"it1": "init"})
+    init_actor: str = "models/base"  # the models iteration 1 starts from
+    init_refiner: str = "models/base"
+    ablation: Literal["none", "no_tree", "no_refine"] = "none"  # no_tree: one refinement; no_refine: best vs worst sample
+    batch_size: int = field(default=32, metadata=_range(ge=1))  # sequences per generation batch
+    sample: SparSampleParams = field(default_factory=SparSampleParams)
+    judge: SparJudgeParams = field(default_factory=SparJudgeParams)
+    tree: SparTreeParams = field(default_factory=SparTreeParams)
+    max_refinement_examples: int = field(default=200, metadata=_range(ge=0))  # refiner RFT caps, per kind
+    max_judgment_examples: int = field(default=200, metadata=_range(ge=0))
+    dpo: DPOParams = field(default_factory=DPOParams)
+    refiner_sft: SFTParams = field(default_factory=SFTParams)
+    eval_search: bool = False  # also evaluate the actor with tree search at inference ("+search")
+
+
+@dataclass
 class TrackingParams:
     experiment: str = "closedloop"
     tracking_uri: str | None = None  # None: sqlite:///<project root>/mlflow.db
@@ -97,6 +163,7 @@ class Params:
     rft: RFTParams = field(default_factory=RFTParams)
     sft: SFTParams = field(default_factory=SFTParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    spar: SparParams = field(default_factory=SparParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
     def section(self, name: str) -> dict:
@@ -111,6 +178,8 @@ def _describe(tp: Any, meta: dict) -> str:
         parts = [_describe(a, meta) for a in typing.get_args(tp) if a is not type(None)]
         s = " or ".join(parts)
         return s + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin is dict:
+        return "a mapping of names to names"
     if origin is list:
         return "a list of " + _describe(typing.get_args(tp)[0], {}).split(" ", 1)[1] + "s"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -132,6 +201,9 @@ def _matches(tp: Any, value: Any) -> bool:
         return value is None
     if origin is list:
         return isinstance(value, list) and all(_matches(typing.get_args(tp)[0], v) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return isinstance(value, dict) and all(_matches(k, a) and _matches(v, b) for a, b in value.items())
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -186,4 +258,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if p.min_constraints > p.max_constraints:
         raise UserError(f"{path.name}: prepare.min_constraints: expected <= prepare.max_constraints "
                         f"({p.max_constraints}), got {p.min_constraints}")
+    _check_spar_chain(params.spar.iterations, path.name)
     return params
+
+
+def _check_spar_chain(iterations: dict[str, str], src: str) -> None:
+    if not iterations:
+        raise UserError(f"{src}: spar.iterations: expected at least one iteration, e.g. {{it1: init}}")
+    prev = "init"
+    for name, start in iterations.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "init":
+            raise UserError(f"{src}: spar.iterations.{name}: expected a name of lowercase letters, digits and _ "
+                            f"(not 'init')")
+        if start != prev:
+            raise UserError(f"{src}: spar.iterations.{name}: expected {prev!r} (the iteration before it), got {start!r}")
+        prev = name

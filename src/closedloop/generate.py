@@ -7,12 +7,26 @@ padding each prompt sees and which random draws it gets, so keep `batch_size` fi
 when comparing runs. On GPU, kernels may be non-deterministic; expect near-identical outputs.
 Greedy (temperature 0) decodes each prompt once and returns n equal copies.
 
-`HFBackend.stats` accumulates prompt/generated token counts and wall seconds over calls.
+Prefix sharing (`share_prefix=True`, the default): when sampling n > 1 completions per prompt,
+HF's `generate(num_return_sequences=n)` repeats each prompt n times *before* the prefill, so the
+prompt is computed n times. Instead, each batch's left-padded prompts minus their last token are
+prefilled once into a `DynamicCache`, the cache is repeated n times along the batch dimension, and
+`generate` continues from it: it computes only the last prompt token per sequence, then decodes.
+Prefill work drops from P*n*W to P*(W-1) + P*n positions (P prompts, padded width W), i.e. about
+1/n. The n children of one tree-search node (same prompt) thus share one prefill.
+Batch composition, row order and the number of random draws are the same in both modes, so the
+outputs usually coincide, but they are not guaranteed to be bitwise equal: the prefix is computed
+in a different tensor shape, so logits can differ in the last float bits, which can flip a sampled
+token drawn near a probability boundary (and everything after it). Greedy-like decoding
+(a tiny top_p) agrees; compare sampled runs only within one mode.
+
+`HFBackend.stats` accumulates prompt/generated/prefill token counts and wall seconds over calls.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, Union
@@ -93,15 +107,21 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 class HFBackend:
-    """`model.generate` over left-padded batches of `batch_size` sequences (prompts x n)."""
+    """`model.generate` over left-padded batches of `batch_size` sequences (prompts x n).
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, show_progress: bool = True):
+    `share_prefix` (default True): the n samples of a prompt reuse one prefill of it (see the module doc).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, show_progress: bool = True,
+                 share_prefix: bool = True):
         if batch_size < 1:
             raise UserError(f"generation: batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.show_progress = show_progress
+        # Prefill each prompt once and reuse its KV cache for its n samples (see the module doc).
+        self.share_prefix = share_prefix
         self.stop_ids = stop_token_ids(model, tokenizer)
         # Padding is done here rather than by the tokenizer, so the caller's tokenizer keeps its
         # pad token and padding side; EOS stands in for a missing pad token (it is masked anyway).
@@ -110,7 +130,8 @@ class HFBackend:
         # Cumulative over all calls; benchmarks read them.
         self.stats: dict[str, float] = {
             "prompt_tokens": 0,  # real (non-pad) prompt tokens prefilled, counted once per sequence
-            "padded_prompt_tokens": 0,  # prompt positions computed, pads included
+            "padded_prompt_tokens": 0,  # prompt positions per sequence, pads included (the unshared prefill)
+            "prefill_tokens": 0,  # prompt positions the model actually computed, pads included
             "generated_tokens": 0,  # EOS excluded
             "sequences": 0,
             "batches": 0,
@@ -156,6 +177,45 @@ class HFBackend:
         text = self.tokenizer.decode(kept, skip_special_tokens=True).rstrip()
         return Completion(text=text, num_tokens=len(kept), finish_reason="length" if cut is None else "stop")
 
+    def _sample_batch(self, ids: torch.Tensor, mask: torch.Tensor, kw: dict[str, Any], copies: int,
+                      **extra: Any) -> Any:
+        """`copies` continuations of each left-padded row (prompt-major rows): model.generate's output.
+
+        With `share_prefix` and copies > 1, the rows minus their last token are prefilled once and
+        the cache is repeated `copies` times; otherwise generate expands the prompts before its
+        prefill. `extra` goes to generate (tests ask for logits). Counts `prefill_tokens`.
+        """
+        model = self.model
+        device = model.device
+        ids, mask = ids.to(device), mask.to(device)
+        rows, width = ids.shape
+        # A checkpoint that asks generate for its own cache type (static, hybrid, ...) cannot be
+        # handed a DynamicCache; it keeps the plain path.
+        own_cache = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+        if not (self.share_prefix and copies > 1 and width > 1) or own_cache is not None:
+            self.stats["prefill_tokens"] += ids.numel() * copies
+            return model.generate(input_ids=ids, attention_mask=mask, **kw, **extra)
+        # Positions as generate derives them from the mask (left pads sit at 0), so the cached keys
+        # carry the same rotary positions as in an unshared prefill.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        fwd: dict[str, Any] = dict(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                   position_ids=positions[:, :-1], use_cache=True)
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            fwd["logits_to_keep"] = 1  # the prefix's logits are never used
+        cache = model(**fwd).past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # e.g. a recurrent-state model: no KV cache to share
+            self.stats["prefill_tokens"] += rows * (width - 1) + ids.numel() * copies
+            return model.generate(input_ids=ids, attention_mask=mask, **kw, **extra)
+        cache.batch_repeat_interleave(copies)
+        # generate sees the full prompts and a cache holding all but their last position, so its
+        # prefill computes only that last token per sequence (mask and positions span the full width).
+        shared_kw = {**kw, "num_return_sequences": 1}
+        out = model.generate(input_ids=ids.repeat_interleave(copies, dim=0),
+                             attention_mask=mask.repeat_interleave(copies, dim=0),
+                             past_key_values=cache, **shared_kw, **extra)
+        self.stats["prefill_tokens"] += rows * (width - 1) + rows * copies
+        return out
+
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
@@ -184,7 +244,7 @@ class HFBackend:
                     # Seeded per batch so a batch's samples do not depend on what ran before it.
                     torch.manual_seed(params.seed + b)
                     ids, mask = self._left_pad([encoded[i] for i in idx])
-                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+                    seqs = self._sample_batch(ids, mask, kw, copies)
                     new = seqs[:, ids.shape[1] :].tolist()  # rows are prompt-major: `copies` per prompt
                     for j, i in enumerate(idx):
                         comps = [self._completion(new[j * copies + k]) for k in range(copies)]

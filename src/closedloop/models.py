@@ -11,11 +11,12 @@ stage loads one plain local checkpoint in well under a second.
 
 from __future__ import annotations
 
+# torch and transformers are imported inside functions: the Prefect flow imports this module for
+# model ids only, and a no-op flow run should not pay for loading torch.
+
 import importlib.util
 import json
 from pathlib import Path
-
-import torch
 
 from closedloop.errors import UserError
 
@@ -64,6 +65,7 @@ def check_causal_lm_config(config, source: str) -> None:
 
 def materialise_base(base: str, out_dir: Path, *, trust_remote_code: bool = False) -> dict:
     """Write the base model as safetensors + tokenizer into out_dir (which must be empty/new)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if base == EMBEDDED:
@@ -119,6 +121,7 @@ def materialise_base(base: str, out_dir: Path, *, trust_remote_code: bool = Fals
 def load_model(path: str | Path, adapter: str | Path | None = None, *, dtype: str = "float32",
                trust_remote_code: bool = False):
     """Load a materialised checkpoint (and optionally a LoRA adapter, merged for fast decoding)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)

@@ -60,6 +60,7 @@ def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft, *, seed
     import shutil
 
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
+    (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: outputs hold safetensors only
     history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     return {
         "train_loss": float(result.training_loss),

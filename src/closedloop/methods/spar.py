@@ -1,0 +1,130 @@
+"""SPaR (arXiv 2412.11605): self-play tree-search refinement, one iteration as a recipe.
+
+    search   the actor samples n responses per prompt; the refiner refines failing ones in a tree
+    verify   the refiner judges (k votes, majority), or the IFEval rules, or both ("hybrid")
+    feedback DPO for the actor on (successful refinement, original response) pairs;
+             SFT (RFT) for the refiner on its successful refinements and majority-agreeing judgments
+
+Each step is a function over plain rows so the DVC stages (stages/spar.py) only read, call, write.
+Paths: iteration <name> starts from models/spar/<prev>/{actor,refiner} and writes
+models/spar/<name>/{actor,refiner} and data/spar/<name>/.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from closedloop.generate import HFBackend, SamplingParams
+from closedloop.methods.spar_data import best_worst_pairs, dpo_pairs, refine_messages_for, refiner_rft_set
+from closedloop.search.tree import TreeParams, tree_search_many
+from closedloop.verifiers.judge import JudgeResult, make_judge, parse_refinement
+from closedloop.verifiers.ifeval_rules import check
+
+
+def model_dir(name: str, role: str) -> Path:
+    return Path("models/spar") / name / role
+
+
+def data_dir(name: str) -> Path:
+    return Path("data/spar") / name
+
+
+class SeededGenerator:
+    """`generate_fn(chats, n) -> texts` over a backend; call i uses seed + i, so a stage that makes
+    the same calls in the same order gets the same texts (CPU determinism across reruns)."""
+
+    def __init__(self, backend: HFBackend, temperature: float, top_p: float, max_new_tokens: int, seed: int):
+        self.backend, self.seed = backend, seed
+        self.sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        self.calls = itertools.count()
+
+    def __call__(self, chats: list[list[dict]], n: int) -> list[list[str]]:
+        if not chats:
+            return []
+        params = SamplingParams(n=n, seed=self.seed * 1_000_003 + next(self.calls), **self.sampling)
+        return [[c.text for c in comps] for comps in self.backend.generate(chats, params)]
+
+
+def sample_responses(generate, rows: Sequence[dict], n: int) -> list[dict]:
+    """Search, step 1: n actor samples per prompt."""
+    outs = generate([[{"role": "user", "content": r["prompt"]}] for r in rows], n)
+    return [{**row, "sample_idx": i, "response": text} for row, texts in zip(rows, outs) for i, text in enumerate(texts)]
+
+
+def judge_samples(judge, samples: Sequence[dict]) -> list[dict]:
+    """Verify: each sample gets the judge's decision, value (yes-vote share), votes and texts, plus
+    the rules' verdict (the gold label the refiner's judging is scored against)."""
+    results = judge.judge_batch(list(samples))
+    out = []
+    for s, r in zip(samples, results):
+        gold = check(s["prompt"], s["instruction_id_list"], s["kwargs"], s["response"]).strict_all
+        out.append({**s, "judge": {"decision": r.decision, "value": r.value, "votes": r.votes, "texts": r.texts,
+                                   "unparseable": r.unparseable, "source": r.source}, "rule_verdict": gold})
+    return out
+
+
+def failing_roots(judged: Sequence[dict], per_prompt: int) -> list[dict]:
+    """Prompts with at least one failing response; up to `per_prompt` failing responses each (ties dropped)."""
+    by_key: dict[str, list[dict]] = defaultdict(list)
+    for s in judged:
+        if s["judge"]["decision"] is False:
+            by_key[str(s["key"])].append(s)
+    return [s for key in sorted(by_key) for s in by_key[key][:per_prompt]]
+
+
+def _result(d: dict) -> JudgeResult:
+    return JudgeResult(d["decision"], d["value"], d["votes"], d["texts"], d["unparseable"], d["source"])
+
+
+def refine_trees(roots: Sequence[dict], refine_generate, judge, tree: TreeParams, votes: int) -> list[dict]:
+    """Search, step 2: one refinement tree per failing root, all trees batched in lockstep.
+
+    A node's `width` children are sampled from one refine prompt (n=width), so the backend prefills
+    that prompt once and shares it (HFBackend(share_prefix=True))."""
+    from closedloop.methods.spar_data import tree_to_record
+
+    def refine(requests):
+        chats = [refine_messages_for(roots[i]["prompt"], node) for i, parents in requests for node in parents]
+        texts = iter(refine_generate(chats, tree.width))
+        return [[[parse_refinement(t) for t in next(texts)] for _ in parents] for _, parents in requests]
+
+    def judge_batch(requests):
+        samples = [{**roots[i], "response": r} for i, responses in requests for r in responses]
+        results = iter(judge.judge_batch(samples))
+        return [[next(results) for _ in responses] for _, responses in requests]
+
+    results = tree_search_many([(r["response"], _result(r["judge"])) for r in roots], refine, judge_batch, tree, votes)
+    return [tree_to_record(root, res) for root, res in zip(roots, results)]
+
+
+def build_pairs(judged: Sequence[dict], trees: Sequence[dict], ablation: str, max_refinement: int,
+                max_judgment: int) -> tuple[list[dict], list[dict]]:
+    """Feedback data: DPO pairs for the actor and the RFT set for the refiner."""
+    if ablation == "no_refine":
+        by_prompt: dict[str, list[dict]] = defaultdict(list)
+        for s in judged:
+            if s["judge"]["decision"] is not None:
+                by_prompt[s["prompt"]].append(s)
+        pairs = best_worst_pairs({p: [s["response"] for s in ss] for p, ss in by_prompt.items()},
+                                 {p: [s["judge"] for s in ss] for p, ss in by_prompt.items()})
+    else:
+        pairs = dpo_pairs(trees)
+
+    def rule_verdict(record: dict, node: dict) -> bool | None:
+        row = record["row"]
+        return check(row["prompt"], row["instruction_id_list"], row["kwargs"], node["response"]).strict_all
+
+    return pairs, refiner_rft_set(trees, max_refinement, max_judgment, rule_verdict)
+
+
+def dpo_examples(pairs: Sequence[dict]) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
+def make_spar_judge(mode: str, generate, votes: int):
+    return make_judge(mode, generate if mode != "rules" else None, votes)

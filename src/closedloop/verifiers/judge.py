@@ -1,0 +1,218 @@
+"""The refiner as a judge (SPaR, arXiv 2412.11605): prompts, verdict parsing, majority votes, judges.
+
+A model judges a response k times ("votes"); the majority decides and `value` = yes-votes / k is
+the score the refinement tree search gates on. `make_judge` picks the feedback source: the model,
+the IFEval rules as an oracle, or rules where they apply and the model elsewhere ("hybrid").
+
+Prompts are a single user message (no system turn) because some small models' chat templates
+(e.g. Gemma's) reject a system role, and the wording is short because small models follow short
+instructions better.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from closedloop.errors import UserError
+from closedloop.verifiers.base import Form, Granularity, Source, Verdict, Verifier, register_verifier
+from closedloop.verifiers.ifeval_rules import INSTRUCTION_IDS, check
+
+# generate_fn(list of chats, n) -> one list of n completion texts per chat.
+GenerateFn = Callable[[list[list[dict]], int], list[list[str]]]
+
+JUDGE_MODES = ("model", "rules", "hybrid")
+
+
+def judge_messages(prompt: str, response: str) -> list[dict]:
+    """Chat asking for a step-by-step constraint check ending in `Verdict: yes` or `Verdict: no`."""
+    content = (
+        "Does the response follow ALL constraints in the instruction?\n\n"
+        f"### Instruction\n{prompt}\n\n### Response\n{response}\n\n"
+        "### Task\n"
+        "1. List every constraint in the instruction.\n"
+        "2. Check each constraint against the response, step by step.\n"
+        "3. End with one final line, exactly `Verdict: yes` if the response follows every constraint, "
+        "or `Verdict: no` if it breaks any."
+    )
+    return [{"role": "user", "content": content}]
+
+
+# `verdict` as a word, then any markdown (**, __, `, #) or spaces, then a colon: `**Verdict:**`, `Verdict**:`.
+_VERDICT = re.compile(r"\bverdict[\s*_`#]*:", re.IGNORECASE)
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> bool | None:
+    """The last `Verdict:` marker's yes/no; None if missing, empty, or both words on the verdict line.
+
+    The verdict is the first non-blank line after the marker (a model may put it on the next line).
+    Taking the LAST marker lets a judge quote the format ("answer Verdict: yes or no") before deciding.
+    Never raises.
+    """
+    if not isinstance(text, str):
+        return None
+    marks = list(_VERDICT.finditer(text))
+    if not marks:
+        return None
+    rest = text[marks[-1].end():]
+    line = next((ln for ln in rest.splitlines() if ln.strip(" \t*_`#>")), "")
+    words = {w.lower() for w in _YES_NO.findall(line)}
+    if len(words) != 1:  # none, or "yes/no" echoed from the prompt
+        return None
+    return words == {"yes"}
+
+
+def majority(votes: Sequence[bool | None]) -> tuple[bool | None, float, int]:
+    """(decision, value, n_unparseable) of k votes.
+
+    decision compares yes against no among the *parsed* votes (True if more yes, False if more no,
+    None on a tie; callers drop ties), so a few garbled judgments do not flip a clear majority.
+    value = yes / k over ALL k votes, so an unparseable vote counts as not-yes: the tree-search
+    gate (value > 0.5) then needs a strict majority of all k votes to say yes. Empty -> (None, 0.0, 0).
+    """
+    k = len(votes)
+    yes = sum(v is True for v in votes)
+    no = sum(v is False for v in votes)
+    decision = True if yes > no else False if no > yes else None
+    return decision, (yes / k if k else 0.0), k - yes - no
+
+
+def pick_judgment(texts: Sequence[str], decision: bool | None = False) -> str | None:
+    """The first judgment text whose verdict equals `decision` (default: one explaining a failure)."""
+    return next((t for t in texts if parse_verdict(t) is decision and decision is not None), None)
+
+
+def refine_messages(prompt: str, response: str, judgment: str | None) -> list[dict]:
+    """Chat asking for `Critique: ...` then `Refined response:` and a minimally changed, fixed response."""
+    review = f"### Review of the response\n{judgment.strip()}\n\n" if judgment and judgment.strip() else ""
+    content = (
+        "The response below may break some constraints of the instruction.\n\n"
+        f"### Instruction\n{prompt}\n\n### Response\n{response}\n\n{review}"
+        "### Task\n"
+        "Write `Critique:` and, briefly, which constraints the response does not meet. "
+        "Then write `Refined response:` on a new line, followed by the complete improved response: "
+        "fix every unmet constraint and change as little else as possible. Write nothing after it."
+    )
+    return [{"role": "user", "content": content}]
+
+
+_REFINED = re.compile(r"[*_#`]*\s*\brefined[ \t]+response[\s*_`#]*:[ \t*_`]*\n?", re.IGNORECASE)
+_CRITIQUE = re.compile(r"^[\s*_#`]*critique[\s*_`#]*:[ \t*_`]*", re.IGNORECASE)
+
+
+def format_refinement(critique: str, refined: str) -> str:
+    """The refiner's answer format; `parse_refinement` inverts it."""
+    return f"Critique: {critique}\nRefined response: {refined}"
+
+
+def parse_refinement(text: str) -> tuple[str, str] | None:
+    """(critique, refined response) split at the first `Refined response:`; None if absent or empty.
+
+    The FIRST marker, because the refined response itself may legitimately contain the phrase.
+    The critique may be empty (a model that skips it still gives a usable refinement).
+    """
+    if not isinstance(text, str):
+        return None
+    m = _REFINED.search(text)
+    if m is None:
+        return None
+    refined = text[m.end():].strip()
+    if not refined:
+        return None
+    critique = _CRITIQUE.sub("", text[: m.start()], count=1).strip()
+    return critique, refined
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    decision: bool | None  # majority; None = tie (callers drop it)
+    value: float  # yes-votes / all votes, in [0, 1]
+    votes: list[bool | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # raw judgments (empty for rules)
+    unparseable: int = 0
+    source: str = "model"  # "model" or "rules"
+
+
+def rule_checkable(sample: dict) -> bool:
+    """True when every instruction of the sample has an IFEval rule checker."""
+    ids = sample.get("instruction_id_list")
+    return isinstance(ids, list) and bool(ids) and all(i in INSTRUCTION_IDS for i in ids)
+
+
+def rule_judgment(sample: dict) -> JudgeResult:
+    """IFEval strict rules as an oracle: value 1.0 or 0.0, decision = all instructions followed."""
+    ok = check(sample["prompt"], sample["instruction_id_list"], sample["kwargs"], sample["response"]).strict_all
+    return JudgeResult(decision=ok, value=float(ok), votes=[ok], source="rules")
+
+
+@register_verifier("model_judge")
+class ModelJudge(Verifier):
+    """A model judging whole responses by majority of `votes` sampled judgments (binary, trajectory).
+
+    Registered for discovery, but `generate_fn` is a callable, so it is built in code, not from a config.
+    """
+
+    name = "model_judge"
+    form = Form.BINARY
+    granularity = Granularity.TRAJECTORY
+    source = Source.MODEL
+
+    def __init__(self, generate_fn: GenerateFn, votes: int = 5) -> None:
+        if not callable(generate_fn):
+            raise UserError("model_judge: generate_fn must be callable")
+        if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
+            raise UserError(f"model_judge: votes must be a positive integer, got {votes!r}")
+        self.generate_fn = generate_fn
+        self.votes = votes
+
+    def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
+        """One generate_fn call for all samples, `votes` judgments each."""
+        if not samples:
+            return []
+        outs = self.generate_fn([judge_messages(s["prompt"], s["response"]) for s in samples], self.votes)
+        if len(outs) != len(samples) or any(len(o) != self.votes for o in outs):
+            raise ValueError(f"generate_fn must return {self.votes} texts for each of {len(samples)} chats")
+        results = []
+        for texts in outs:
+            votes = [parse_verdict(t) for t in texts]
+            decision, value, bad = majority(votes)
+            results.append(JudgeResult(decision, value, votes, list(texts), bad, "model"))
+        return results
+
+    def verify(self, sample: dict) -> Verdict:
+        return _verdict(self.judge_batch([sample])[0])
+
+    def verify_batch(self, samples: list[dict]) -> list[Verdict]:
+        return [_verdict(r) for r in self.judge_batch(samples)]
+
+
+def _verdict(r: JudgeResult) -> Verdict:
+    return Verdict(passed=r.decision is True, score=r.value, details={"votes": r.votes, "unparseable": r.unparseable})
+
+
+@dataclass
+class Judge:
+    """Routes each sample to the rules or the model (see `make_judge`)."""
+
+    mode: str
+    model: ModelJudge | None
+
+    def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
+        use_rules = [self.mode == "rules" or (self.mode == "hybrid" and rule_checkable(s)) for s in samples]
+        to_model = [s for s, r in zip(samples, use_rules) if not r]
+        from_model = iter(self.model.judge_batch(to_model) if to_model and self.model else [])
+        return [rule_judgment(s) if r else next(from_model) for s, r in zip(samples, use_rules)]
+
+
+def make_judge(mode: str, generate_fn: GenerateFn | None = None, votes: int = 5) -> Judge:
+    """mode "model": the model; "rules": IFEval rules as oracle; "hybrid": rules where every
+    instruction id is rule-checkable, the model for the rest (batched in one call)."""
+    if mode not in JUDGE_MODES:
+        raise UserError(f"judge mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
+    if mode == "rules":
+        return Judge(mode, None)
+    if generate_fn is None:
+        raise UserError(f"judge mode {mode!r} needs a generate_fn")
+    return Judge(mode, ModelJudge(generate_fn, votes))
