@@ -107,7 +107,7 @@ def pipeline(targets: list[str] | None = None, params_file: str = "params.yaml")
                 executed.append(stage)
                 tag_lineage(str(ROOT), params, parent_id, stage)
         ui = mlflow_ui_command(params)
-        table = publish_results(str(ROOT), ui)
+        table = publish_results(str(ROOT), ui, list(params.spar.iterations))
     logger.info("stages run: %s", ", ".join(executed) or "none")
     return {"executed": executed, "parent_run_id": parent_id, "order": order, "table": table, "mlflow_ui": ui}
 

@@ -78,4 +78,13 @@ TINY_PARAMS = {
     "rft": {"num_samples": 2, "max_new_tokens": 12, "batch_size": 8, "threshold": 0.5},
     "sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}},
     "evaluate": {"max_new_tokens": 12, "batch_size": 8, "bootstrap": 50},
+    "spar": {
+        "sample": {"num_samples": 6, "max_new_tokens": 12, "max_prompts": 8},
+        "judge": {"mode": "hybrid", "votes": 3, "max_new_tokens": 12},
+        "tree": {"max_new_tokens": 12, "budget": 20},
+        # pairs = best vs worst sample: a tiny random model never writes a parseable refinement
+        "ablation": "no_refine",
+        "dpo": {"max_length": 128, "batch_size": 2},
+        "refiner_sft": {"max_length": 128, "batch_size": 2},
+    },
 }

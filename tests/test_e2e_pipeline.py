@@ -14,7 +14,9 @@ from conftest import IFEVAL, TINY_PARAMS, copy_project, project_env, set_params
 
 pytestmark = pytest.mark.e2e
 
-ALL_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval_base", "eval_rft", "report"}
+RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval_base", "eval_rft", "report"}
+SPAR_STAGES = {"spar_init"} | {f"spar_{s}@it1" for s in ("sample", "judge", "refine", "pairs", "actor", "refiner", "eval")}
+ALL_STAGES = RFT_STAGES | SPAR_STAGES
 LINEAGE = ("closedloop.git_commit", "closedloop.dvc_stage", "closedloop.dvc_lock_md5",
            "closedloop.prefect_flow_run_id", "closedloop.base_model")
 
@@ -64,6 +66,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     root, env, first = project
     assert stages_run(first) == ALL_STAGES
     assert "prompt_level_strict" in first.stdout  # the results table is printed
+    assert "SPAR iteration" in first.stdout  # and the SPAR curve
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     parents, children = pipeline_runs(root)
     assert len(parents) == 1

@@ -12,6 +12,7 @@ from closedloop.errors import UserError
 
 def cmd_stage(args: argparse.Namespace) -> None:
     from closedloop.config import load_params
+    from closedloop.io import is_main_process
     from closedloop.stages import get_stage
     from closedloop.tracking import stage_run
 
@@ -19,6 +20,16 @@ def cmd_stage(args: argparse.Namespace) -> None:
     module = get_stage(args.name)  # unknown stage: error before anything else
     params = load_params(root / args.params)
     sections = {s: (params.section(s) if s != "seed" else params.seed) for s in module.SECTIONS}
+    if not is_main_process():
+        # Extra ranks of `accelerate launch`: train alongside rank 0; their MLflow calls go to a
+        # throwaway store and closedloop.io discards their outputs, so only rank 0 records results.
+        import tempfile
+
+        import mlflow
+
+        mlflow.set_tracking_uri(Path(tempfile.mkdtemp(prefix="closedloop-rank-")).as_uri())
+        module.run(params, root, args.name)
+        return
     with stage_run(root, params, args.name, sections):
         module.run(params, root, args.name)
 

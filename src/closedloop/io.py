@@ -18,6 +18,12 @@ from typing import Any
 from closedloop.errors import UserError
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a multi-process launch (`accelerate launch`, torchrun set
+    RANK): those train alongside rank 0 but must not write outputs, or they would race it."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def remove_stale_tmp(path: Path) -> None:
     """Remove temporaries that a killed earlier run left beside `path`."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -42,7 +48,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _tmp_path(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if is_main_process():
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -56,7 +63,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
+        if not is_main_process():
+            pass
+        elif path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -88,12 +97,11 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a malformed line raises UserError naming the file and line number."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; a malformed line raises UserError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -104,5 +112,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file; a malformed line raises UserError naming the file and line number."""
+    return [row for _, row in iter_jsonl(path)]

@@ -7,7 +7,6 @@ kwargs), so synthetic rows and the real benchmark feed one evaluation.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from closedloop.errors import UserError
+from closedloop.io import iter_jsonl
 
 _KW = "keywords:"
 _LEN = "length_constraints:"
@@ -271,30 +271,12 @@ def build_suite(seed_tasks: list[dict], num_train: int, num_eval: int, min_const
     return train, evals
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-blank line; bad JSON raises UserError naming file:line."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got invalid JSON "
-                                f"({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
 def load_seed_tasks(path: str | Path) -> list[dict]:
     """Read seed tasks ({"id", "task"} per line); errors name file:line."""
     path = Path(path)
     tasks: list[dict] = []
     first_line: dict[str, int] = {}
-    for lineno, row in _iter_jsonl(path):
+    for lineno, row in iter_jsonl(path):
         for field in ("id", "task"):
             if not isinstance(row.get(field), str) or not row[field].strip():
                 raise UserError(f"{path}:{lineno}: expected a non-empty string field {field!r}")
@@ -362,7 +344,7 @@ def load_eval_source(source: str, limit: int | None, seed: int) -> list[dict]:
         rows = _load_hub(source.removeprefix("hf:"))
     else:
         path = Path(source)
-        rows = [_check_eval_row(row, f"{path}:{lineno}") for lineno, row in _iter_jsonl(path)]
+        rows = [_check_eval_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
         if not rows:
             raise UserError(f"{path}: no rows")
     if limit is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from closedloop.config import DPOParams  # noqa: F401  (the params object train_dpo takes)
+from closedloop.feedback.common import load_for_training, trainer_args
 from closedloop.feedback.sft import lora_config
 
 ADAPTER_SUBDIR = "adapter"  # where a merged run keeps its adapter, inside out_dir
@@ -58,36 +59,13 @@ def train_dpo(model_dir: Path, pairs: list[dict], out_dir: Path, dpo, *, seed: i
     overrides `dpo.merge` when given (absent field: merge).
     """
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOConfig, DPOTrainer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     merge = dpo.merge if merge_into_full is None else merge_into_full
     use_lora = dpo.lora.enabled
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
-    config = DPOConfig(
-        output_dir=str(out_dir / "_trainer"),
-        beta=dpo.beta,
-        num_train_epochs=dpo.epochs,
-        per_device_train_batch_size=dpo.batch_size,
-        gradient_accumulation_steps=dpo.grad_accum,
-        learning_rate=dpo.learning_rate,
-        max_length=dpo.max_length,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    # DPOTrainer wraps the model in LoRA (random init of the A matrices) before Trainer seeds the
-    # RNGs itself, so seed first: same seed -> same adapter init -> same weights.
-    set_seed(seed)
+    tok, model = load_for_training(model_dir, dtype, seed)
+    config = DPOConfig(beta=dpo.beta, **trainer_args(out_dir, dpo, seed=seed, dtype=dtype))
     trainer = DPOTrainer(
         model=model,
         args=config,

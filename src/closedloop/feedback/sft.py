@@ -7,10 +7,9 @@ only. LoRA (PEFT) by default; `sft.lora.enabled: false` trains every weight. Und
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import torch
+from closedloop.feedback.common import load_for_training, trainer_args
 
 
 def lora_config(lora):
@@ -23,30 +22,10 @@ def lora_config(lora):
 def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft, *, seed: int, dtype: str = "float32") -> dict:
     """Train on `examples` and save the adapter (or full model) into out_dir. Returns metrics."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
-    config = SFTConfig(
-        output_dir=str(out_dir / "_trainer"),
-        num_train_epochs=sft.epochs,
-        per_device_train_batch_size=sft.batch_size,
-        gradient_accumulation_steps=sft.grad_accum,
-        learning_rate=sft.learning_rate,
-        warmup_steps=sft.warmup_steps,
-        max_length=sft.max_length,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    tok, model = load_for_training(model_dir, dtype, seed)
+    config = SFTConfig(warmup_steps=sft.warmup_steps, **trainer_args(out_dir, sft, seed=seed, dtype=dtype))
     trainer = SFTTrainer(
         model=model,
         args=config,

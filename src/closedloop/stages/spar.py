@@ -209,6 +209,8 @@ def run_eval(params, root: Path, name: str) -> None:
     judged = judge.judge_batch(results)
     acc = judge_accuracy([j.decision for j in judged], [r["strict"]["follow_all_instructions"] for r in results])
     metrics |= {f"refiner_judge_{k}": v for k, v in acc.items()}
+    if s.eval_search:
+        metrics |= _search_at_inference(params, results, judged, refiner, judge)
     curve = json.loads((root / spar.data_dir(_prev(params, name)) / "curve.json").read_text())
     curve.append({"iteration": name, **{k: metrics[k] for k in CURVE_KEYS}, "refiner_judge_f1": acc["f1"]})
     write_jsonl(d / "eval_generations.jsonl", results)
@@ -218,6 +220,26 @@ def run_eval(params, root: Path, name: str) -> None:
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(d / "curve.png"))
     mlflow.log_dict({"curve": curve}, "curve.json")
+
+
+def _search_at_inference(params, results: list[dict], judged: list, refiner, judge) -> dict:
+    """The paper's "+search" row: held-out responses the refiner judges as failing are refined by
+    tree search (the refiner judging, never the rules); the best node's response replaces them."""
+    from dataclasses import asdict
+
+    from closedloop.evaluate.instruction_following import flat_metrics, ifeval_report
+    from closedloop.search.tree import TreeParams
+    from closedloop.verifiers.ifeval_rules import verify_row
+
+    s, t = params.spar, params.spar.tree
+    roots = [{**r, "judge": asdict(j)} for r, j in zip(results, judged) if j.decision is False]
+    tree = TreeParams(t.strategy, t.width, t.branches, t.max_depth, t.gate, t.budget)
+    records = spar.refine_trees(roots, _generator(refiner, t, params.seed + 4), judge, tree, s.judge.votes)
+    improved = {r["row"]["key"]: max(r["nodes"], key=lambda n: (n["value"] or 0.0, -n["id"]))["response"]
+                for r in records}
+    final = [verify_row({**r, "response": improved.get(r["key"], r["response"])}) for r in results]
+    report = flat_metrics(ifeval_report(final, n_bootstrap=params.evaluate.bootstrap, seed=params.seed))
+    return {f"search_{k}": report[k] for k in CURVE_KEYS} | {"search_trees": len(records)}
 
 
 def _plot_curve(curve: list[dict], path: Path) -> None:

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from closedloop.errors import UserError
-from closedloop.io import read_jsonl, write_jsonl
+from closedloop.io import iter_jsonl, write_jsonl
 from closedloop.verifiers.base import Form, Granularity, Source, Verdict, Verifier, register_verifier
 
 INSTRUCTION_IDS: tuple[str, ...] = (
@@ -345,9 +345,8 @@ def verify_jsonl(in_path: str | Path, out_path: str | Path | None = None) -> dic
     """
     in_path = Path(in_path)
     out_path = Path(out_path) if out_path is not None else in_path.with_suffix(".verified.jsonl")
-    rows = read_jsonl(in_path)
-    with open(in_path, encoding="utf-8") as f:  # read_jsonl skips blank lines the same way
-        linenos = [n for n, line in enumerate(f, start=1) if line.strip()]
+    numbered = list(iter_jsonl(in_path))
+    linenos, rows = [n for n, _ in numbered], [r for _, r in numbered]
     prepared = []
     for lineno, row in zip(linenos, rows):
         try:

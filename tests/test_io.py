@@ -1,0 +1,55 @@
+"""Atomic outputs: complete or absent, never partial; extra ranks of a multi-process launch write nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from closedloop.errors import UserError
+from closedloop.io import atomic_dir, read_jsonl, write_jsonl
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    write_jsonl(out, [{"a": 1}])
+
+    def rows():
+        yield {"a": 2}
+        raise RuntimeError("killed half-way")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(out, rows())
+    assert read_jsonl(out) == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_atomic_dir_swaps_only_on_success(tmp_path):
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        (tmp / "w").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "w").write_text("v2")
+        raise RuntimeError
+    assert (out / "w").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_stale_temporaries_are_removed_by_the_next_write(tmp_path):
+    stale = tmp_path / ".rows.jsonl.abc123.tmp"
+    stale.write_text("partial")
+    write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+    assert not stale.exists()
+
+
+def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w").write_text("x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"in.jsonl:3: expected a JSON object, got list"):
+        read_jsonl(path)
