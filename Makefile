@@ -33,6 +33,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_prefix_reuse.py
 	$(BIN)/python bench/bench_noop.py
 
 mlflow-ui: $(STAMP)

@@ -86,5 +86,6 @@ TINY_PARAMS = {
         "ablation": "no_refine",
         "dpo": {"max_length": 128, "batch_size": 2},
         "refiner_sft": {"max_length": 128, "batch_size": 2},
+        "eval_search": True,
     },
 }

@@ -34,7 +34,9 @@ def test_one_iteration_through_the_flow(spar_project):
         assert run.data.tags["closedloop.dvc_lock_md5"]
     by_stage = {r.data.tags["closedloop.dvc_stage"]: r for r in nested}
     assert "judge_f1" in by_stage["spar_judge@it1"].data.metrics
-    assert "refiner_judge_f1" in by_stage["spar_eval@it1"].data.metrics
+    eval_metrics = by_stage["spar_eval@it1"].data.metrics
+    assert "refiner_judge_f1" in eval_metrics
+    assert "search_prompt_level_strict" in eval_metrics  # the "+search" row (spar.eval_search)
     assert by_stage["spar_pairs@it1"].data.metrics["dpo_pairs"] >= 1
     assert by_stage["spar_actor@it1"].data.metrics["train_pairs"] >= 1  # the actor really trained with DPO
 
