@@ -10,8 +10,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from closedloop.evaluate.instruction_following import METRICS as CURVE_KEYS
+
 RESULTS = Path("data/report/results.md")
-CURVE_KEYS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose")
 
 
 def spar_table(root: Path, iterations: list[str]) -> str | None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from closedloop.config import LoraParams
-from closedloop.feedback.dpo import ADAPTER_SUBDIR, DPOParams, merge_adapter, train_dpo
+from closedloop.config import DPOParams, LoraParams
+from closedloop.feedback.dpo import ADAPTER_SUBDIR, merge_adapter, train_dpo
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": "what is two plus two ?"}],

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from closedloop.config import DPOParams  # noqa: F401  (the params object train_dpo takes)
 from closedloop.feedback.common import load_for_training, trainer_args
 from closedloop.feedback.sft import lora_config
 

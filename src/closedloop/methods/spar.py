@@ -20,7 +20,7 @@ from pathlib import Path
 from closedloop.generate import HFBackend, SamplingParams
 from closedloop.methods.spar_data import best_worst_pairs, dpo_pairs, refine_messages_for, refiner_rft_set
 from closedloop.search.tree import TreeParams, tree_search_many
-from closedloop.verifiers.judge import JudgeResult, make_judge, parse_refinement
+from closedloop.verifiers.judge import JudgeResult, parse_refinement
 from closedloop.verifiers.ifeval_rules import check
 
 
@@ -125,6 +125,3 @@ def dpo_examples(pairs: Sequence[dict]) -> list[dict]:
              "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
 
-
-def make_spar_judge(mode: str, generate, votes: int):
-    return make_judge(mode, generate if mode != "rules" else None, votes)

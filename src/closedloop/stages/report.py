@@ -4,6 +4,8 @@ from pathlib import Path
 
 import mlflow
 
+from closedloop.evaluate.instruction_following import METRICS
+
 from closedloop.io import write_json, write_text
 
 SECTIONS: tuple[str, ...] = ()
@@ -11,7 +13,6 @@ MODELS = {"base": Path("data/eval/base/metrics.json"), "rft": Path("data/eval/rf
 VERIFY = Path("data/rft/verify_metrics.json")
 OUT_MD = Path("data/report/results.md")
 OUT_JSON = Path("data/report/results.json")
-METRICS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose")
 
 
 def results_table(metrics: dict[str, dict], verify: dict | None = None) -> str:

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import mlflow
 
+from closedloop.evaluate.instruction_following import METRICS as CURVE_KEYS
 from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from closedloop.methods import spar
+from closedloop.verifiers.judge import make_judge
 
 SECTIONS = ("seed", "spar")
 BASE = Path("models/base")
 TRAIN = Path("data/suite/train.jsonl")
 EVAL = Path("data/suite/eval.jsonl")
 BASE_METRICS = Path("data/eval/base/metrics.json")
-CURVE_KEYS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose")
 
 
 def _split(stage: str) -> tuple[str, str]:
@@ -62,6 +63,15 @@ def _copy_model(src: Path, dst: Path) -> None:
                     shutil.copy2(f, tmp / f.name)
 
 
+def _tree_params(t, single_refinement: bool = False):
+    """The search's TreeParams from spar.tree; the "no_tree" ablation keeps one refinement only."""
+    from closedloop.search.tree import TreeParams
+
+    if single_refinement:
+        return TreeParams(t.strategy, 1, 1, 1, t.gate, t.budget)
+    return TreeParams(t.strategy, t.width, t.branches, t.max_depth, t.gate, t.budget)
+
+
 def run_init(params, root: Path) -> None:
     for role in ("actor", "refiner"):
         _copy_model(root / BASE, root / spar.model_dir("init", role))
@@ -83,9 +93,9 @@ def run_sample(params, root: Path, name: str) -> None:
 def _judge(params, root: Path, name: str):
     s = params.spar
     if s.judge.mode == "rules":
-        return spar.make_spar_judge("rules", None, s.judge.votes), None
+        return make_judge("rules"), None
     backend = _backend(root / spar.model_dir(_prev(params, name), "refiner"), params, s.batch_size)
-    return spar.make_spar_judge(s.judge.mode, _generator(backend, s.judge, params.seed + 1), s.judge.votes), backend
+    return make_judge(s.judge.mode, _generator(backend, s.judge, params.seed + 1), s.judge.votes), backend
 
 
 def run_judge(params, root: Path, name: str) -> None:
@@ -105,14 +115,11 @@ def run_judge(params, root: Path, name: str) -> None:
 
 
 def run_refine(params, root: Path, name: str) -> None:
-    from closedloop.search.tree import TreeParams
-
     s, t = params.spar, params.spar.tree
     judged = read_jsonl(root / spar.data_dir(name) / "judged.jsonl")
     roots = spar.failing_roots(judged, t.roots_per_prompt) if s.ablation != "no_refine" else []
     # Ablation "no tree search": a single refinement of each failing response.
-    tree = TreeParams(t.strategy, 1 if s.ablation == "no_tree" else t.width, 1 if s.ablation == "no_tree" else t.branches,
-                      1 if s.ablation == "no_tree" else t.max_depth, t.gate, t.budget)
+    tree = _tree_params(t, single_refinement=s.ablation == "no_tree")
     judge, judge_backend = _judge(params, root, name)
     backend = judge_backend or _backend(root / spar.model_dir(_prev(params, name), "refiner"), params, s.batch_size)
     votes = 0 if s.judge.mode == "rules" else s.judge.votes  # rule checks cost no generations
@@ -205,7 +212,7 @@ def run_eval(params, root: Path, name: str) -> None:
     metrics = flat_metrics(ifeval_report(results, n_bootstrap=e.bootstrap, seed=params.seed))
     # The refiner's judging of these held-out responses, scored against the rule verifiers.
     refiner = _backend(root / spar.model_dir(name, "refiner"), params, s.batch_size)
-    judge = spar.make_spar_judge("model", _generator(refiner, s.judge, params.seed + 3), s.judge.votes)
+    judge = make_judge("model", _generator(refiner, s.judge, params.seed + 3), s.judge.votes)
     judged = judge.judge_batch(results)
     acc = judge_accuracy([j.decision for j in judged], [r["strict"]["follow_all_instructions"] for r in results])
     metrics |= {f"refiner_judge_{k}": v for k, v in acc.items()}
@@ -228,12 +235,11 @@ def _search_at_inference(params, results: list[dict], judged: list, refiner, jud
     from dataclasses import asdict
 
     from closedloop.evaluate.instruction_following import flat_metrics, ifeval_report
-    from closedloop.search.tree import TreeParams
     from closedloop.verifiers.ifeval_rules import verify_row
 
     s, t = params.spar, params.spar.tree
     roots = [{**r, "judge": asdict(j)} for r, j in zip(results, judged) if j.decision is False]
-    tree = TreeParams(t.strategy, t.width, t.branches, t.max_depth, t.gate, t.budget)
+    tree = _tree_params(t)
     records = spar.refine_trees(roots, _generator(refiner, t, params.seed + 4), judge, tree, s.judge.votes)
     improved = {r["row"]["key"]: max(r["nodes"], key=lambda n: (n["value"] or 0.0, -n["id"]))["response"]
                 for r in records}
