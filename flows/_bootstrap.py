@@ -31,9 +31,8 @@ def check_params_or_exit(argv: list[str]) -> None:
     from closedloop.config import load_params
     from closedloop.errors import UserError
 
-    name = argv[argv.index("--params") + 1] if "--params" in argv[:-1] else "params.yaml"
     try:
-        load_params(ROOT / name)
+        load_params(ROOT / "params.yaml")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -17,18 +17,12 @@ from closedloop.models import model_id
 @contextlib.contextmanager
 def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iterator[str]:
     tracking.setup(root, params.tracking.tracking_uri, params.tracking.experiment)
-    tags = tracking.lineage_tags(root, None, model_id(params.model.base))
+    tags = tracking.lineage_tags(root, None, model_id(root / params.model.base))
     tags |= {tracking.TAG_FLOW_RUN: flow_run_id, tracking.TAG_KIND: "pipeline"}
     with mlflow.start_run(run_name="pipeline", tags=tags) as run:
         mlflow.log_params({"targets": ",".join(targets) or "all"} |
-                          {k: ("null" if v is None else v) for k, v in tracking.flatten(params_dict(params)).items()})
+                          {k: ("null" if v is None else v) for k, v in tracking.flatten(params.as_dict()).items()})
         yield run.info.run_id
-
-
-def params_dict(params) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(params)
 
 
 @task(name="tag-lineage", cache_policy=NO_CACHE)

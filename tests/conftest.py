@@ -58,8 +58,10 @@ def set_params(root: Path, updates: dict) -> None:
 
 
 def project_env(root: Path, prefect_home: Path) -> dict[str, str]:
+    # PYTHONPATH: the copy's own src/ shadows the editable install, so stages run the copy's code
+    # (the plug-in test adds a method there).
     return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"], "PREFECT_HOME": str(prefect_home),
-            "PREFECT_API_URL": "", "PYTHONUNBUFFERED": "1"}
+            "PREFECT_API_URL": "", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root / "src")}
 
 
 @pytest.fixture(scope="session")
@@ -75,12 +77,12 @@ def prefect_home(tmp_path_factory) -> Path:
 
 TINY_PARAMS = {
     "prepare": {"num_train": 8, "num_eval": 6, "max_constraints": 2},
-    "rft": {"num_samples": 2, "max_new_tokens": 12, "batch_size": 8, "threshold": 0.5},
-    "sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}},
+    "rft": {"num_samples": 2, "max_new_tokens": 12, "batch_size": 8, "threshold": 0.5,
+            "sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}}},
     "evaluate": {"max_new_tokens": 12, "batch_size": 8, "bootstrap": 50},
     "spar": {
         "sample": {"num_samples": 6, "max_new_tokens": 12, "max_prompts": 8},
-        "judge": {"mode": "hybrid", "votes": 3, "max_new_tokens": 12},
+        "judge": {"verifier": "hybrid_judge", "votes": 3, "max_new_tokens": 12},
         "tree": {"max_new_tokens": 12, "budget": 20},
         # pairs = best vs worst sample: a tiny random model never writes a parseable refinement
         "ablation": "no_refine",

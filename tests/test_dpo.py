@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from closedloop.config import DPOParams, LoraParams
-from closedloop.feedback.dpo import ADAPTER_SUBDIR, merge_adapter, train_dpo
+from closedloop.feedback.common import ADAPTER_SUBDIR, merge_adapter
+from closedloop.feedback.dpo import train_dpo
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": "what is two plus two ?"}],
@@ -90,3 +91,19 @@ def test_same_seed_same_weights_adapter_only(trained, tiny_model_dir, tmp_path):
     b = load_file(again / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert m2["loss_history"] == m["loss_history"]
+
+
+def test_same_params_and_seed_give_the_same_bytes(trained, tiny_model_dir, tmp_path):
+    """Every file of a merged run, adapter_config.json included (PEFT writes target_modules from a
+    set and the base's absolute path), is byte-identical when trained again from another path."""
+    import shutil
+
+    out, _ = trained
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "base")
+    again = tmp_path / "again"
+    train_dpo(moved, PAIRS, again, _params(), seed=3)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert ADAPTER_SUBDIR + "/adapter_config.json" in {str(f) for f in files}
+    for f in files:
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -14,9 +15,12 @@ from conftest import IFEVAL, TINY_PARAMS, copy_project, project_env, set_params
 
 pytestmark = pytest.mark.e2e
 
-RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval_base", "eval_rft", "report"}
-SPAR_STAGES = {"spar_init"} | {f"spar_{s}@it1" for s in ("sample", "judge", "refine", "pairs", "actor", "refiner", "eval")}
+RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval@base", "eval@rft", "compare"}
+SPAR_STAGES = {"spar_init", "eval@spar-it1"} | {f"spar_{s}@it1" for s in ("sample", "judge", "refine", "pairs", "actor",
+                                                                          "refiner", "eval")}
 ALL_STAGES = RFT_STAGES | SPAR_STAGES
+# Every stage that loads a model, so every one that must rerun when model.dtype changes.
+MODEL_LOADERS = ALL_STAGES - {"prepare", "rft_verify", "spar_pairs@it1", "compare", "spar_init"}
 LINEAGE = ("closedloop.git_commit", "closedloop.dvc_stage", "closedloop.dvc_lock_md5",
            "closedloop.prefect_flow_run_id", "closedloop.base_model")
 
@@ -52,10 +56,16 @@ def dvc(root, env, *args) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir, prefect_home):
-    root = copy_project(tmp_path_factory.mktemp("e2e") / "project")
-    params = dict(TINY_PARAMS, model={"base": str(tiny_model_dir)})
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    root = copy_project(tmp / "project")
+    # user files named by params, copied so the test can edit them: the model and the held-out prompts
+    model = shutil.copytree(tiny_model_dir, tmp / "user-model")
+    params = dict(TINY_PARAMS, model={"base": str(model)})
     if IFEVAL.is_file():  # held-out set: the real IFEval prompts (a deterministic subset)
-        params["prepare"] = dict(params["prepare"], eval_source=str(IFEVAL), eval_limit=6)
+        prompts = shutil.copy(IFEVAL, tmp / "ifeval.jsonl")
+        params["evaluate"] = dict(params["evaluate"], prompts=str(prompts), limit=6)
     set_params(root, params)
     env = project_env(root, prefect_home)
     first = run_flow(root, env)
@@ -65,8 +75,10 @@ def project(tmp_path_factory, tiny_model_dir, prefect_home):
 def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     root, env, first = project
     assert stages_run(first) == ALL_STAGES
-    assert "prompt_level_strict" in first.stdout  # the results table is printed
-    assert "SPAR iteration" in first.stdout  # and the SPAR curve
+    assert "prompt_level_strict" in first.stdout  # the comparison report is printed
+    for row in ("| base |", "| rft |", "| spar-it1 |"):  # one row per evaluated model; SPAR's curve is its rows
+        assert row in first.stdout
+    assert "Δ " in first.stdout  # with paired differences against the base
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     parents, children = pipeline_runs(root)
     assert len(parents) == 1
@@ -80,8 +92,10 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
             assert run.data.tags.get(tag), (run.info.run_name, tag)
         assert run.data.tags["closedloop.prefect_flow_run_id"] == parent.data.tags["closedloop.prefect_flow_run_id"]
     by_stage = {r.data.tags["closedloop.dvc_stage"]: r for r in nested}
-    assert "prompt_level_strict" in by_stage["eval_base"].data.metrics
-    assert "prompt_level_strict_ci_low" in by_stage["eval_rft"].data.metrics
+    # one evaluation for every model: the same metric names on every eval run (MLflow's compare view)
+    eval_metrics = [set(by_stage[s].data.metrics) for s in ("eval@base", "eval@rft", "eval@spar-it1")]
+    assert "prompt_level_strict_ci_low" in eval_metrics[0] and eval_metrics[0] == eval_metrics[1] == eval_metrics[2]
+    assert "rft/prompt_level_strict_diff_ci_low" in by_stage["compare"].data.metrics
     assert "sample_pass_rate" in by_stage["rft_verify"].data.metrics
     assert "train_loss" in by_stage["rft_train"].data.metrics
     assert by_stage["rft_sample"].data.params["rft.num_samples"] == "2"
@@ -93,11 +107,31 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert "adapter" in artifacts
     adapter_files = {a.path for a in client.list_artifacts(by_stage["rft_train"].info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in adapter_files
-    eval_artifacts = {a.path for a in client.list_artifacts(by_stage["eval_rft"].info.run_id)}
-    assert {"report.json", "per_instruction.png", "generations.json"} <= eval_artifacts
+    assert "generations.json" in {a.path for a in client.list_artifacts(by_stage["eval@rft"].info.run_id)}
+    assert {"report.md", "instruction_following.png"} <= {
+        a.path for a in client.list_artifacts(by_stage["compare"].info.run_id)}
     # the held-out set is the IFEval subset, and the metrics file is what DVC reads
     metrics = dvc(root, env, "metrics", "show", "--json")
     assert "prompt_level_strict" in metrics
+
+
+def test_every_stage_reads_exactly_the_params_it_declares(project):
+    """Recorded, not hand-listed: the keys each stage's code read (its MLflow tag) against the
+    keys its dvc.yaml entry declares, expanded to leaves. Reading an undeclared key fails the stage."""
+    from closedloop.config import load_params
+    from closedloop.stage_params import declared_params, leaf_keys
+
+    root, _, _ = project
+    params = load_params(root / "params.yaml")
+    parents, children = pipeline_runs(root)
+    mismatches = {}
+    for run in children[parents[0].info.run_id]:
+        stage = run.data.tags["closedloop.dvc_stage"]
+        read = set(filter(None, run.data.tags["closedloop.params_read"].split(",")))
+        declared = leaf_keys(params, declared_params(root, stage))
+        if read != declared:
+            mismatches[stage] = {"declared, not read": sorted(declared - read), "read, not declared": sorted(read - declared)}
+    assert mismatches == {}
 
 
 def test_second_run_executes_nothing_and_dvc_is_clean(project):
@@ -114,10 +148,10 @@ def test_second_run_executes_nothing_and_dvc_is_clean(project):
 def test_changing_one_param_reruns_only_downstream(project):
     root, env, _ = project
     set_params(root, {"rft": {"num_samples": 3}})
-    third = run_flow(root, env, "--target", "report")
+    third = run_flow(root, env, "--target", "rft")
     ran = stages_run(third)
-    assert "rft_sample" in ran
-    assert ran <= {"rft_sample", "rft_verify", "rft_train", "eval_rft", "report"}
+    assert {"rft_sample", "compare"} <= ran  # the method's own stages, then its row of the report
+    assert ran <= {"rft_sample", "rft_verify", "rft_train", "eval@rft", "compare"}
     parents, children = pipeline_runs(root)
     assert {r.data.tags["closedloop.dvc_stage"] for r in children[parents[-1].info.run_id]} == ran
     assert "up to date" in dvc(root, env, "status")
@@ -126,7 +160,50 @@ def test_changing_one_param_reruns_only_downstream(project):
 def test_target_runs_only_its_ancestry(project):
     root, env, _ = project
     set_params(root, {"evaluate": {"max_new_tokens": 10}})
-    proc = run_flow(root, env, "--target", "eval_base")
-    assert stages_run(proc) == {"eval_base"}
-    # eval_rft depends on the same param and is now stale, but was not a target
-    assert "eval_rft" in dvc(root, env, "status")
+    proc = run_flow(root, env, "--target", "eval@base")
+    assert stages_run(proc) == {"eval@base"}
+    # eval@rft depends on the same param and is now stale, but was not a target
+    assert "eval@rft" in dvc(root, env, "status")
+    dvc(root, env, "repro")
+
+
+def changed_stages(root, env) -> set[str]:
+    import json
+
+    return set(json.loads(dvc(root, env, "status", "--json")))
+
+
+def test_changing_the_dtype_reruns_every_stage_that_loads_a_model(project):
+    root, env, _ = project
+    assert changed_stages(root, env) == set()
+    set_params(root, {"model": {"dtype": "bfloat16"}})
+    assert changed_stages(root, env) == MODEL_LOADERS
+    set_params(root, {"model": {"dtype": "float32"}})
+    assert changed_stages(root, env) == set()
+
+
+@pytest.mark.skipif(not IFEVAL.is_file(), reason="shared IFEval copy not present")
+def test_editing_a_file_a_param_names_reruns_the_stages_that_read_it(project):
+    from closedloop.config import load_params
+
+    root, env, _ = project
+    params = load_params(root / "params.yaml")
+    prompts, weights = Path(params.evaluate.prompts), Path(params.model.base) / "config.json"
+    original = prompts.read_text(), weights.read_text()
+    try:
+        prompts.write_text(original[0] + "\n")  # the same rows, but not the same file
+        assert changed_stages(root, env) == {"eval@base", "eval@rft", "eval@spar-it1"}
+        prompts.write_text(original[0])
+        weights.write_text(original[1] + "\n")
+        assert "base" in changed_stages(root, env)
+    finally:
+        prompts.write_text(original[0])
+        weights.write_text(original[1])
+    assert changed_stages(root, env) == set()
+
+
+def test_a_forced_rerun_of_training_gives_the_same_bytes(project):
+    """Same params and seed, same bytes: a forced rerun of rft_train leaves eval@rft up to date."""
+    root, env, _ = project
+    dvc(root, env, "repro", "-f", "-s", "rft_train")
+    assert changed_stages(root, env) == set()

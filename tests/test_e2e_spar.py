@@ -25,7 +25,7 @@ def spar_project(tmp_path_factory, tiny_model_dir, prefect_home):
 
 def test_one_iteration_through_the_flow(spar_project):
     root, env, proc = spar_project
-    expected = {"base", "prepare", "eval_base", "spar_init"} | {f"{s}@it1" for s in STEPS}
+    expected = {"base", "prepare", "spar_init", "eval@spar-it1"} | {f"{s}@it1" for s in STEPS}
     assert stages_run(proc) == expected
     parents, children = pipeline_runs(root)
     nested = children[parents[-1].info.run_id]
@@ -43,8 +43,8 @@ def test_one_iteration_through_the_flow(spar_project):
     data = root / "data/spar/it1"
     pairs = [json.loads(line) for line in (data / "dpo.jsonl").read_text().splitlines()]
     assert all(p["chosen_value"] > p["rejected_value"] for p in pairs)
-    curve = json.loads((data / "curve.json").read_text())
-    assert [c["iteration"] for c in curve] == ["init", "it1"]
+    actor_eval = json.loads((root / "data/eval/spar-it1/metrics.json").read_text())
+    assert 0.0 <= actor_eval["prompt_level_strict"] <= 1.0  # the shared evaluation scored the actor
     assert (root / "models/spar/it1/actor/model.safetensors").is_file()
     assert (root / "models/spar/it1/refiner/model.safetensors").is_file()
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -53,8 +53,8 @@ def test_one_iteration_through_the_flow(spar_project):
 
 def test_added_iteration_reruns_nothing_before_it(spar_project):
     root, env, _ = spar_project
-    set_params(root, {"spar": {"iterations": {"it1": "init", "it2": "it1"}}})
+    set_params(root, {"spar": {"iterations": {"it1": "init", "it2": "it1"}},
+                      "evaluate": {"models": {"spar-it2": "models/spar/it2/actor"}}})
     proc = run_flow(root, env, "--target", "spar")
-    assert stages_run(proc) == {f"{s}@it2" for s in STEPS}
-    curve = json.loads((root / "data/spar/it2/curve.json").read_text())
-    assert [c["iteration"] for c in curve] == ["init", "it1", "it2"]
+    assert stages_run(proc) == {f"{s}@it2" for s in STEPS} | {"eval@spar-it2"}
+    assert (root / "data/eval/spar-it2/metrics.json").is_file()

@@ -14,7 +14,7 @@ from closedloop.verifiers.judge import (
     format_refinement,
     judge_messages,
     majority,
-    make_judge,
+    from_verdict,
     parse_refinement,
     parse_verdict,
     pick_judgment,
@@ -180,7 +180,9 @@ def test_model_judge_is_a_verifier():
     assert (judge.name, judge.form, judge.granularity, judge.source) == (
         "model_judge", Form.BINARY, Granularity.TRAJECTORY, Source.MODEL)
     v = judge.verify({"prompt": "p", "response": "GOOD"})
-    assert v == Verdict(True, 2 / 3, {"votes": [True, True, False], "unparseable": 0})
+    assert (v.passed, v.score) == (True, 2 / 3)
+    assert v.details["votes"] == [True, True, False] and v.details["unparseable"] == 0
+    assert v.details["decision"] is True and len(v.details["texts"]) == 3
     assert [x.passed for x in judge.verify_batch([{"prompt": "p", "response": r} for r in ("GOOD", "TIE", "x")])] == [
         True, False, False]
     assert "model_judge" in list_verifiers()
@@ -205,22 +207,26 @@ def test_rule_checkable():
     assert not rule_checkable({**RULE_OK, "instruction_id_list": []})
 
 
-def test_make_judge_modes():
-    rules = make_judge("rules").judge_batch([RULE_OK, RULE_BAD])
+def test_judges_are_verifiers_chosen_by_name():
+    rules = [from_verdict(v) for v in get_verifier("ifeval_rules").verify_batch([RULE_OK, RULE_BAD])]
     assert rules == [JudgeResult(True, 1.0, [True], [], 0, "rules"), JudgeResult(False, 0.0, [False], [], 0, "rules")]
 
     model = ScriptedModel(SCRIPT)
-    hybrid = make_judge("hybrid", model, votes=3).judge_batch([FREE, RULE_BAD, UNKNOWN, RULE_OK])
-    assert [r.source for r in hybrid] == ["model", "rules", "model", "rules"]
-    assert [r.decision for r in hybrid] == [True, False, False, True]
+    hybrid = get_verifier("hybrid_judge", generate_fn=model, votes=3)
+    assert isinstance(hybrid, Verifier) and hybrid.source == Source.MODEL
+    verdicts = hybrid.verify_batch([FREE, RULE_BAD, UNKNOWN, RULE_OK])
+    assert [v.details["source"] for v in verdicts] == ["model", "rules", "model", "rules"]
+    assert [v.details["decision"] for v in verdicts] == [True, False, False, True]
+    assert verdicts[0].details["votes"] and verdicts[0].details["texts"]  # the votes and texts travel in details
+    assert [from_verdict(v).decision for v in verdicts] == [True, False, False, True]
     assert len(model.calls) == 1 and len(model.calls[0][0]) == 2  # only the non-rule samples, one call
 
     model = ScriptedModel(SCRIPT)
-    only_model = make_judge("model", model, votes=3).judge_batch([RULE_OK, FREE])
-    assert [r.source for r in only_model] == ["model", "model"] and len(model.calls) == 1
-    assert make_judge("hybrid", model).judge_batch([RULE_OK]) and len(model.calls) == 1  # all rules: no model call
+    only_model = get_verifier("model_judge", generate_fn=model, votes=3).verify_batch([RULE_OK, FREE])
+    assert [v.details["source"] for v in only_model] == ["model", "model"] and len(model.calls) == 1
+    assert get_verifier("hybrid_judge", generate_fn=model).verify_batch([RULE_OK]) and len(model.calls) == 1
 
-    with pytest.raises(UserError, match="judge mode"):
-        make_judge("oracle")
+    with pytest.raises(UserError, match="unknown verifier 'oracle'"):
+        get_verifier("oracle")
     with pytest.raises(UserError, match="generate_fn"):
-        make_judge("hybrid")
+        get_verifier("hybrid_judge")

@@ -201,19 +201,19 @@ def test_build_suite_argument_errors(tasks):
         suite.build_suite(tasks[:1], 5, 5, 1, 2, seed=0)
 
 
-def test_load_eval_source_synthetic_is_callers_job():
-    with pytest.raises(ValueError):
-        suite.load_eval_source("synthetic", None, 0)
+def test_load_eval_rows_rejects_a_directory(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        suite.load_eval_rows(tmp_path, None, 0)
 
 
 @pytest.mark.skipif(not IFEVAL.is_file(), reason="shared IFEval copy not present")
-def test_load_eval_source_ifeval_file():
-    rows = suite.load_eval_source(str(IFEVAL), None, 0)
+def test_load_eval_rows_ifeval_file():
+    rows = suite.load_eval_rows(IFEVAL, None, 0)
     assert len(rows) == 541
     assert all(set(r) == {"key", "prompt", "instruction_id_list", "kwargs"} for r in rows)
-    sub = suite.load_eval_source(str(IFEVAL), 20, 0)
-    assert len(sub) == 20 and sub == suite.load_eval_source(str(IFEVAL), 20, 0)
-    assert sub != suite.load_eval_source(str(IFEVAL), 20, 1)
+    sub = suite.load_eval_rows(IFEVAL, 20, 0)
+    assert len(sub) == 20 and sub == suite.load_eval_rows(IFEVAL, 20, 0)
+    assert sub != suite.load_eval_rows(IFEVAL, 20, 1)
     assert {r["key"] for r in sub} <= {r["key"] for r in rows}
 
 
@@ -230,13 +230,13 @@ GOOD_ROW = {"key": 1, "prompt": "Write a poem.", "instruction_id_list": ["punctu
         (json.dumps({**GOOD_ROW, "instruction_id_list": ["nope:x"]}), r":2: unknown instruction id"),
     ],
 )
-def test_load_eval_source_errors(tmp_path, bad, match):
+def test_load_eval_rows_errors(tmp_path, bad, match):
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps(GOOD_ROW) + "\n" + bad + "\n")
     with pytest.raises(UserError, match=re.escape(str(path)) + match):
-        suite.load_eval_source(str(path), None, 0)
+        suite.load_eval_rows(path, None, 0)
 
 
-def test_load_eval_source_missing_file(tmp_path):
+def test_load_eval_rows_missing_file(tmp_path):
     with pytest.raises(UserError, match="file not found"):
-        suite.load_eval_source(str(tmp_path / "absent.jsonl"), 5, 0)
+        suite.load_eval_rows(tmp_path / "absent.jsonl", 5, 0)

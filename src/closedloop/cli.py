@@ -13,13 +13,15 @@ from closedloop.errors import UserError
 def cmd_stage(args: argparse.Namespace) -> None:
     from closedloop.config import load_params
     from closedloop.io import is_main_process
+    from closedloop.stage_params import ParamsView, declared_params
     from closedloop.stages import get_stage
     from closedloop.tracking import stage_run
 
     root = Path.cwd()
-    module = get_stage(args.name)  # unknown stage: error before anything else
-    params = load_params(root / args.params)
-    sections = {s: (params.section(s) if s != "seed" else params.seed) for s in module.SECTIONS}
+    fn, key = get_stage(args.name)  # unknown stage: error before anything else
+    params = load_params(root / "params.yaml")
+    declared = declared_params(root, args.name)
+    view = ParamsView(params, declared)
     if not is_main_process():
         # Extra ranks of `accelerate launch`: train alongside rank 0; their MLflow calls go to a
         # throwaway store and closedloop.io discards their outputs, so only rank 0 records results.
@@ -28,10 +30,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(Path(tempfile.mkdtemp(prefix="closedloop-rank-")).as_uri())
-        module.run(params, root, args.name)
+        fn(view, root, key)
         return
-    with stage_run(root, params, args.name, sections):
-        module.run(params, root, args.name)
+    with stage_run(root, params, args.name, declared, view.reads):
+        fn(view, root, key)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -55,9 +57,8 @@ def cmd_params(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="closedloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls); it reads params.yaml")
     p.add_argument("name")
-    p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("verify", help="IFEval rule verification of a JSONL of responses")
     p.add_argument("input", help="JSONL with prompt, instruction_id_list, kwargs, response per line")

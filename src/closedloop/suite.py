@@ -318,38 +318,17 @@ def _check_eval_row(row: dict, where: str) -> dict:
             "kwargs": kwargs}
 
 
-def _load_hub(name: str) -> list[dict]:
-    import datasets  # only for users with hub access; never called in tests
-
-    rows = []
-    for index, row in enumerate(datasets.load_dataset(name, split="train")):
-        # The hub copy stores kwargs with one shared schema: absent arguments come back as None.
-        row = dict(row)
-        row["kwargs"] = [{k: v for k, v in kw.items() if v is not None} for kw in row["kwargs"]]
-        rows.append(_check_eval_row(row, f"hf:{name} row {index}"))
-    return rows
-
-
-def load_eval_source(source: str, limit: int | None, seed: int) -> list[dict]:
-    """Load IFEval-format evaluation rows from a local JSONL path or `hf:<dataset>`.
-
-    `limit` keeps a deterministic subset: a `seed`-shuffled order cut to `limit` rows (None = all,
-    in source order). "synthetic" suites are built by the caller, not loaded here.
-    """
-    if source == "synthetic":
-        raise ValueError("'synthetic' eval rows come from build_suite, not load_eval_source")
-    if limit is not None and limit < 0:
-        raise UserError(f"eval limit must be >= 0 or None, got {limit}")
-    if source.startswith("hf:"):
-        rows = _load_hub(source.removeprefix("hf:"))
-    else:
-        path = Path(source)
-        rows = [_check_eval_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
-        if not rows:
-            raise UserError(f"{path}: no rows")
+def load_eval_rows(path: str | Path, limit: int | None, seed: int) -> list[dict]:
+    """IFEval-format evaluation rows from a local JSONL file (prepare's split or IFEval's own
+    input_data.jsonl), each line checked. `limit` keeps a deterministic subset: a `seed`-shuffled
+    order cut to `limit` rows (None = all, in file order)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected an IFEval-format jsonl file")
+    rows = [_check_eval_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
+    if not rows:
+        raise UserError(f"{path}: no rows; expected IFEval-format lines (key, prompt, instruction_id_list, kwargs)")
     if limit is None:
         return rows
-    rows = list(rows)
     random.Random(seed).shuffle(rows)
     return rows[:limit]
-

@@ -26,6 +26,7 @@ TAG_LOCK = "closedloop.dvc_lock_md5"
 TAG_FLOW_RUN = "closedloop.prefect_flow_run_id"
 TAG_BASE_MODEL = "closedloop.base_model"
 TAG_KIND = "closedloop.run_kind"  # "pipeline" or "stage"
+TAG_PARAMS_READ = "closedloop.params_read"  # the param keys the stage's code read (tests compare with dvc.yaml)
 
 # Never logged, whatever section they appear in.
 _SECRET_HINTS = ("token", "password", "secret", "api_key", "apikey", "credential")
@@ -83,21 +84,37 @@ def lineage_tags(root: Path, stage: str | None, base_model: str) -> dict[str, st
     return tags
 
 
+def declared_values(params, declared: set[str]) -> dict[str, Any]:
+    """{dotted key: value} of every leaf under the declared keys (what the stage may read)."""
+    tree = params.as_dict()
+    out: dict[str, Any] = {}
+    for key in sorted(declared):
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        out |= flatten({key: node}) if isinstance(node, Mapping) else {key: node}
+    return out
+
+
 @contextlib.contextmanager
-def stage_run(root: Path, params, stage: str, sections: Mapping[str, Any]) -> Iterator[Any]:
-    """Open the MLflow run for one stage: nested under $CLOSEDLOOP_PARENT_RUN_ID when set."""
+def stage_run(root: Path, params, stage: str, declared: set[str], reads: set[str]) -> Iterator[Any]:
+    """Open the MLflow run for one stage: nested under $CLOSEDLOOP_PARENT_RUN_ID when set. Logs the
+    declared params; on success tags the params the stage read (`reads`, filled while it runs)."""
     import mlflow
 
     from closedloop.models import model_id
+    from closedloop.stage_params import leaf_keys
 
     setup(root, params.tracking.tracking_uri, params.tracking.experiment)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    tags = lineage_tags(root, stage, model_id(params.model.base)) | {TAG_KIND: "stage"}
+    tags = lineage_tags(root, stage, model_id(root / params.model.base)) | {TAG_KIND: "stage"}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
-        flat = flatten(sections)
+        flat = {k: v for k, v in declared_values(params, declared).items()
+                if not any(h in k.lower() for h in _SECRET_HINTS)}
         if flat:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in flat.items()})
         yield run
+        mlflow.set_tag(TAG_PARAMS_READ, ",".join(sorted(leaf_keys(params, reads))))
 
 
 def lock_entry_md5(root: Path, stage: str) -> str | None:

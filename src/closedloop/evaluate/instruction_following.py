@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from closedloop.errors import UserError
+from closedloop.evaluate.bootstrap import ratio_interval
+from closedloop.evaluate.suites import register_suite
 from closedloop.io import atomic_path
 
 METRICS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose")
-_CHUNK = 256  # bootstrap replicates per batch, so memory stays chunk x prompts
 
 
 def _verdicts(row: Any, i: int, mode: str) -> list[bool]:
@@ -31,6 +32,24 @@ def _verdicts(row: Any, i: int, mode: str) -> list[bool]:
     return [bool(x) for x in v]
 
 
+def scores(row: dict, i: int = 0) -> dict[str, list[float]]:
+    """{metric: [numerator, denominator]} of one verified row (see evaluate.bootstrap)."""
+    strict, loose = _verdicts(row, i, "strict"), _verdicts(row, i, "loose")
+    n = float(len(strict))
+    return {"prompt_level_strict": [float(all(strict)), 1.0], "prompt_level_loose": [float(all(loose)), 1.0],
+            "instruction_level_strict": [float(sum(strict)), n], "instruction_level_loose": [float(sum(loose)), n]}
+
+
+def breakdown(row: dict, i: int = 0) -> dict[str, list[float]]:
+    """{instruction id: [strict followed, count]}: summed over rows, the per-id accuracy."""
+    out: dict[str, list[float]] = {}
+    for iid, ok in zip(row["instruction_id_list"], _verdicts(row, i, "strict")):
+        cell = out.setdefault(iid, [0.0, 0.0])
+        cell[0] += float(ok)
+        cell[1] += 1.0
+    return out
+
+
 def ifeval_report(results: list[dict], n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
     """Point values, bootstrap CIs and per-instruction accuracy from `verify_row` outputs (JSON-serialisable)."""
     if not results:
@@ -39,42 +58,15 @@ def ifeval_report(results: list[dict], n_bootstrap: int = 1000, seed: int = 0, c
         raise UserError(f"ifeval_report: confidence must be in (0, 1), got {confidence}")
     if n_bootstrap < 0:
         raise UserError(f"ifeval_report: n_bootstrap must be >= 0, got {n_bootstrap}")
-    strict = [_verdicts(r, i, "strict") for i, r in enumerate(results)]
-    loose = [_verdicts(r, i, "loose") for i, r in enumerate(results)]
-
-    # Per-prompt sufficient statistics; every metric is a ratio of sums over prompts.
-    n_inst = np.array([len(s) for s in strict], dtype=float)
-    numer = {
-        "prompt_level_strict": np.array([all(s) for s in strict], dtype=float),
-        "prompt_level_loose": np.array([all(s) for s in loose], dtype=float),
-        "instruction_level_strict": np.array([sum(s) for s in strict], dtype=float),
-        "instruction_level_loose": np.array([sum(s) for s in loose], dtype=float),
-    }
-    denom = {m: (n_inst if m.startswith("instruction") else np.ones_like(n_inst)) for m in METRICS}
-
-    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-    values = {m: float(ratio(numer[m].sum(keepdims=True), denom[m].sum(keepdims=True))[0]) for m in METRICS}
-    boots: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
-    rng = np.random.default_rng(seed)
-    n = len(results)
-    for start in range(0, n_bootstrap, _CHUNK):
-        idx = rng.integers(0, n, size=(min(_CHUNK, n_bootstrap - start), n))  # shared by all four metrics
-        for m in METRICS:
-            boots[m].append(ratio(numer[m][idx].sum(axis=1), denom[m][idx].sum(axis=1)))
-    alpha = (1.0 - confidence) / 2
+    per_row = [scores(r, i) for i, r in enumerate(results)]
     report: dict[str, Any] = {}
     for m in METRICS:
-        if n_bootstrap:
-            lo, hi = np.quantile(np.concatenate(boots[m]), [alpha, 1.0 - alpha])
-        else:  # no resampling asked for: a degenerate interval at the point value
-            lo = hi = values[m]
-        report[m] = {"value": values[m], "ci_low": float(lo), "ci_high": float(hi)}
-
+        num = np.array([s[m][0] for s in per_row])
+        den = np.array([s[m][1] for s in per_row])
+        report[m] = ratio_interval(num, den, n_bootstrap, seed, confidence)
     per: dict[str, dict[str, float]] = {}
-    for row, s, lo_ in zip(results, strict, loose):
-        for iid, a, b in zip(row["instruction_id_list"], s, lo_):
+    for i, row in enumerate(results):
+        for iid, a, b in zip(row["instruction_id_list"], _verdicts(row, i, "strict"), _verdicts(row, i, "loose")):
             d = per.setdefault(iid, {"strict": 0.0, "loose": 0.0, "count": 0})
             d["strict"] += a
             d["loose"] += b
@@ -83,8 +75,8 @@ def ifeval_report(results: list[dict], n_bootstrap: int = 1000, seed: int = 0, c
         d["strict"] /= d["count"]
         d["loose"] /= d["count"]
     report.update(
-        num_prompts=n,
-        num_instructions=int(n_inst.sum()),
+        num_prompts=len(results),
+        num_instructions=int(sum(s["instruction_level_strict"][1] for s in per_row)),
         n_bootstrap=n_bootstrap,
         seed=seed,
         confidence=confidence,
@@ -147,3 +139,28 @@ def plot_per_instruction(report: dict, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path
+
+
+class InstructionFollowing:
+    """IFEval's four metrics on `evaluate.prompts` (greedy by default), per-id breakdown."""
+
+    name = "instruction_following"
+    metrics = METRICS
+    breakdown_label = "instruction id"
+
+    def run(self, params: Any, root: Path, backend: Any) -> list[dict]:
+        from closedloop.generate import SamplingParams
+        from closedloop.suite import load_eval_rows
+        from closedloop.verifiers.ifeval_rules import verify_row
+
+        e = params.evaluate
+        rows = load_eval_rows(root / e.prompts, e.limit, params.seed)
+        sp = SamplingParams(n=1, temperature=e.temperature, top_p=1.0, max_new_tokens=e.max_new_tokens,
+                            seed=params.seed)
+        outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in rows], sp)
+        results = [verify_row({**r, "response": o[0].text}) for r, o in zip(rows, outs)]
+        return [{"suite": self.name, **r, "scores": scores(r, i), "breakdown": breakdown(r, i)}
+                for i, r in enumerate(results)]
+
+
+register_suite(InstructionFollowing())

@@ -1,8 +1,14 @@
-"""What every TRL trainer here shares: loading the starting checkpoint and the Trainer arguments."""
+"""What every TRL trainer here shares: loading the starting checkpoint, the Trainer arguments
+(from `config.TrainParams`), and saving the result reproducibly."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
+
+ADAPTER_SUBDIR = "adapter"  # where a merged LoRA run keeps its adapter, inside out_dir
 
 
 def load_for_training(model_dir: Path, dtype: str, seed: int):
@@ -21,9 +27,16 @@ def load_for_training(model_dir: Path, dtype: str, seed: int):
     return tok, model
 
 
-def trainer_args(out_dir: Path, p, *, seed: int, dtype: str) -> dict:
-    """Arguments common to SFTConfig and DPOConfig, from a params section with epochs, batch_size,
-    grad_accum, learning_rate, max_length. Checkpoints are not saved (the stage saves the result)."""
+def lora_config(lora: Any):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def trainer_args(out_dir: Path, p: Any, *, seed: int, dtype: str) -> dict:
+    """Arguments common to every TRL config, from a `TrainParams` section. Checkpoints are not
+    saved (the stage saves the result)."""
     import torch
 
     return dict(
@@ -33,6 +46,7 @@ def trainer_args(out_dir: Path, p, *, seed: int, dtype: str) -> dict:
         gradient_accumulation_steps=p.grad_accum,
         learning_rate=p.learning_rate,
         max_length=p.max_length,
+        warmup_steps=p.warmup_steps,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -42,3 +56,58 @@ def trainer_args(out_dir: Path, p, *, seed: int, dtype: str) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def normalise_adapter_config(adapter_dir: Path) -> None:
+    """Make adapter_config.json the same bytes for the same training: PEFT writes target_modules
+    from a set (order varies run to run) and the base model's absolute path (varies by clone)."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg["base_model_name_or_path"] = None  # the stage knows its base; an absolute path would leak the clone
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template embeds the same path
+
+
+def save_trained(trainer: Any, tok: Any, model_dir: Path, out_dir: Path, p: Any, *, dtype: str) -> str:
+    """Save what training produced into out_dir: with LoRA and `merge`, a plain merged checkpoint
+    (adapter kept in out_dir/adapter); with LoRA alone, the adapter; otherwise the full model.
+    Returns which of "merged", "adapter", "full" was saved."""
+    use_lora, merge = p.lora.enabled, p.merge
+    target = out_dir / ADAPTER_SUBDIR if (use_lora and merge) else out_dir
+    trainer.save_model(str(target))
+    tok.save_pretrained(str(target))
+    # save_model also pickles the TrainingArguments: not needed to load anything, and no pickles in outputs.
+    (target / "training_args.bin").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
+    normalise_adapter_config(target)
+    if use_lora and merge:
+        merge_adapter(model_dir, target, out_dir, dtype=dtype)
+        return "merged"
+    return "adapter" if use_lora else "full"
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str = "float32") -> Path:
+    """Fold the LoRA adapter in adapter_dir into the checkpoint in base_dir; save a plain
+    safetensors model + tokenizer into out_dir (works for SFT and DPO adapters alike)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    # The adapter dir holds the tokenizer the adapter was trained with (pad token set); fall back to the base's.
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def loss_history(trainer: Any) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]

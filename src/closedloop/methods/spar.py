@@ -15,13 +15,86 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-from closedloop.generate import HFBackend, SamplingParams
+from closedloop.config import DPOParams, FieldError, SFTParams, bounds
 from closedloop.methods.spar_data import best_worst_pairs, dpo_pairs, refine_messages_for, refiner_rft_set
 from closedloop.search.tree import TreeParams, tree_search_many
-from closedloop.verifiers.judge import JudgeResult, parse_refinement
 from closedloop.verifiers.ifeval_rules import check
+from closedloop.verifiers.judge import from_verdict, parse_refinement
+
+
+@dataclass
+class SparSampleConfig:
+    num_samples: int = field(default=5, metadata=bounds(ge=2, le=1024))  # paper: 5
+    temperature: float = field(default=0.9, metadata=bounds(gt=0.0, le=10.0))  # paper: 0.9
+    top_p: float = field(default=0.9, metadata=bounds(gt=0.0, le=1.0))  # paper: 0.9
+    max_new_tokens: int = field(default=128, metadata=bounds(ge=1, le=100_000))
+    max_prompts: int | None = field(default=16, metadata=bounds(ge=1))  # None: every train prompt
+
+
+@dataclass
+class SparJudgeConfig:
+    # A registered verifier: hybrid_judge (IFEval rules where every constraint is rule-checkable,
+    # the refiner elsewhere), model_judge (the refiner, k votes), or ifeval_rules (rules as oracle).
+    verifier: str = "hybrid_judge"
+    votes: int = field(default=3, metadata=bounds(ge=1, le=1024))  # k judgments per response (paper: 5)
+    temperature: float = field(default=0.7, metadata=bounds(gt=0.0, le=10.0))
+    top_p: float = field(default=0.95, metadata=bounds(gt=0.0, le=1.0))
+    max_new_tokens: int = field(default=96, metadata=bounds(ge=1, le=100_000))
+
+
+@dataclass
+class SparTreeConfig:
+    strategy: Literal["bfs", "dfs"] = "bfs"
+    width: int = field(default=3, metadata=bounds(ge=1, le=64))  # children per expanded node (paper: 3)
+    branches: int = field(default=2, metadata=bounds(ge=1, le=64))  # nodes expanded per level (paper: 2)
+    max_depth: int = field(default=3, metadata=bounds(ge=1, le=64))  # paper: 3
+    gate: float = field(default=0.5, metadata=bounds(ge=0.0, le=0.99))  # success: value > gate (paper: 0.5)
+    budget: int = field(default=30, metadata=bounds(ge=1, le=100_000))  # refine generations + judge votes per tree
+    temperature: float = field(default=0.9, metadata=bounds(gt=0.0, le=10.0))
+    top_p: float = field(default=0.9, metadata=bounds(gt=0.0, le=1.0))
+    max_new_tokens: int = field(default=160, metadata=bounds(ge=1, le=100_000))
+    roots_per_prompt: int = field(default=1, metadata=bounds(ge=1, le=1024))  # failing responses refined per prompt
+
+
+@dataclass
+class SparConfig:
+    # {name: the iteration it starts from}, in order; "init" = models/base. DVC templating has no
+    # arithmetic, so each entry names its predecessor; add an entry to run one more iteration
+    # (nothing before it reruns). Stage names are spar_*@<name>; outputs go to models/spar/<name>
+    # and data/spar/<name>. Add `spar-<name>: models/spar/<name>/actor` to evaluate.models to see
+    # the iteration as a row of the comparison report.
+    iterations: dict[str, str] = field(default_factory=lambda: {"it1": "init"})
+    ablation: Literal["none", "no_tree", "no_refine"] = "none"  # no_tree: one refinement; no_refine: best vs worst sample
+    batch_size: int = field(default=32, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
+    sample: SparSampleConfig = field(default_factory=SparSampleConfig)
+    judge: SparJudgeConfig = field(default_factory=SparJudgeConfig)
+    tree: SparTreeConfig = field(default_factory=SparTreeConfig)
+    max_refinement_examples: int = field(default=200, metadata=bounds(ge=0))  # refiner RFT caps, per kind
+    max_judgment_examples: int = field(default=200, metadata=bounds(ge=0))
+    dpo: DPOParams = field(default_factory=DPOParams)
+    refiner_sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=1e-4, epochs=1.0, batch_size=4,
+                                                                      max_length=1024))
+    eval_search: bool = False  # also score the actor with tree search at inference ("+search")
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not self.iterations:
+            raise FieldError("iterations", "expected at least one iteration, e.g. {it1: init}")
+        prev = "init"
+        for name, start in self.iterations.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "init":
+                raise FieldError(f"iterations.{name}", "expected a name of lowercase letters, digits and _ (not 'init')")
+            if start != prev:
+                raise FieldError(f"iterations.{name}", f"expected {prev!r} (the iteration before it), got {start!r}")
+            prev = name
+
+
+CONFIG = SparConfig
 
 
 def model_dir(name: str, role: str) -> Path:
@@ -36,12 +109,14 @@ class SeededGenerator:
     """`generate_fn(chats, n) -> texts` over a backend; call i uses seed + i, so a stage that makes
     the same calls in the same order gets the same texts (CPU determinism across reruns)."""
 
-    def __init__(self, backend: HFBackend, temperature: float, top_p: float, max_new_tokens: int, seed: int):
+    def __init__(self, backend: Any, temperature: float, top_p: float, max_new_tokens: int, seed: int):
         self.backend, self.seed = backend, seed
         self.sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
         self.calls = itertools.count()
 
     def __call__(self, chats: list[list[dict]], n: int) -> list[list[str]]:
+        from closedloop.generate import SamplingParams
+
         if not chats:
             return []
         params = SamplingParams(n=n, seed=self.seed * 1_000_003 + next(self.calls), **self.sampling)
@@ -57,7 +132,7 @@ def sample_responses(generate, rows: Sequence[dict], n: int) -> list[dict]:
 def judge_samples(judge, samples: Sequence[dict]) -> list[dict]:
     """Verify: each sample gets the judge's decision, value (yes-vote share), votes and texts, plus
     the rules' verdict (the gold label the refiner's judging is scored against)."""
-    results = judge.judge_batch(list(samples))
+    results = [from_verdict(v) for v in judge.verify_batch(list(samples))]
     out = []
     for s, r in zip(samples, results):
         gold = check(s["prompt"], s["instruction_id_list"], s["kwargs"], s["response"]).strict_all
@@ -75,7 +150,9 @@ def failing_roots(judged: Sequence[dict], per_prompt: int) -> list[dict]:
     return [s for key in sorted(by_key) for s in by_key[key][:per_prompt]]
 
 
-def _result(d: dict) -> JudgeResult:
+def _result(d: dict):
+    from closedloop.verifiers.judge import JudgeResult
+
     return JudgeResult(d["decision"], d["value"], d["votes"], d["texts"], d["unparseable"], d["source"])
 
 
@@ -93,7 +170,7 @@ def refine_trees(roots: Sequence[dict], refine_generate, judge, tree: TreeParams
 
     def judge_batch(requests):
         samples = [{**roots[i], "response": r} for i, responses in requests for r in responses]
-        results = iter(judge.judge_batch(samples))
+        results = iter([from_verdict(v) for v in judge.verify_batch(samples)])
         return [[next(results) for _ in responses] for _, responses in requests]
 
     results = tree_search_many([(r["response"], _result(r["judge"])) for r in roots], refine, judge_batch, tree, votes)

@@ -9,6 +9,7 @@ from closedloop.verifiers.base import (
     get_verifier,
     list_verifiers,
     register_verifier,
+    verifier_class,
     verify_batch,
 )
 from closedloop.verifiers.ifeval_rules import (
@@ -21,6 +22,7 @@ from closedloop.verifiers.ifeval_rules import (
     verify_jsonl,
     verify_row,
 )
+from closedloop.verifiers.judge import HybridJudge, ModelJudge  # registers the model judges
 
 __all__ = [
     "INSTRUCTION_IDS",
@@ -37,6 +39,9 @@ __all__ = [
     "get_verifier",
     "list_verifiers",
     "register_verifier",
+    "verifier_class",
+    "HybridJudge",
+    "ModelJudge",
     "verify_batch",
     "verify_jsonl",
     "verify_row",

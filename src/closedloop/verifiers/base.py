@@ -87,11 +87,17 @@ def list_verifiers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_verifier(name: str, **kwargs: Any) -> Verifier:
-    """Construct the verifier registered as `name`; unknown names are a UserError listing the known ones."""
+def verifier_class(name: str) -> Callable[..., Verifier]:
+    """The factory registered as `name` (its `source` says whether it needs a model)."""
     factory = _REGISTRY.get(name)
     if factory is None:
         raise UserError(f"unknown verifier {name!r}; known verifiers: {', '.join(list_verifiers()) or '(none)'}")
+    return factory
+
+
+def get_verifier(name: str, **kwargs: Any) -> Verifier:
+    """Construct the verifier registered as `name`; unknown names are a UserError listing the known ones."""
+    factory = verifier_class(name)
     try:
         return factory(**kwargs)
     except TypeError as e:  # unexpected constructor arguments from a config

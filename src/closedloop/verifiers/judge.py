@@ -1,8 +1,9 @@
 """The refiner as a judge (SPaR, arXiv 2412.11605): prompts, verdict parsing, majority votes, judges.
 
 A model judges a response k times ("votes"); the majority decides and `value` = yes-votes / k is
-the score the refinement tree search gates on. `make_judge` picks the feedback source: the model,
-the IFEval rules as an oracle, or rules where they apply and the model elsewhere ("hybrid").
+the score the refinement tree search gates on. The judges are registered verifiers:
+`model_judge`, and `hybrid_judge` (IFEval rules where they apply, the model elsewhere); with
+`ifeval_rules` (the rules as an oracle) they are chosen by name in params.
 
 Prompts are a single user message (no system turn) because some small models' chat templates
 (e.g. Gemma's) reject a system role, and the wording is short because small models follow short
@@ -21,9 +22,6 @@ from closedloop.verifiers.ifeval_rules import INSTRUCTION_IDS, check
 
 # generate_fn(list of chats, n) -> one list of n completion texts per chat.
 GenerateFn = Callable[[list[list[dict]], int], list[list[str]]]
-
-JUDGE_MODES = ("model", "rules", "hybrid")
-
 
 def judge_messages(prompt: str, response: str) -> list[dict]:
     """Chat asking for a step-by-step constraint check ending in `Verdict: yes` or `Verdict: no`."""
@@ -147,25 +145,51 @@ def rule_judgment(sample: dict) -> JudgeResult:
     return JudgeResult(decision=ok, value=float(ok), votes=[ok], source="rules")
 
 
-@register_verifier("model_judge")
-class ModelJudge(Verifier):
-    """A model judging whole responses by majority of `votes` sampled judgments (binary, trajectory).
+def as_verdict(r: JudgeResult) -> Verdict:
+    """A judgment as the one Verifier currency; votes, texts and the tie-aware decision in details."""
+    return Verdict(passed=r.decision is True, score=r.value,
+                   details={"decision": r.decision, "votes": list(r.votes), "texts": list(r.texts),
+                            "unparseable": r.unparseable, "source": r.source})
 
-    Registered for discovery, but `generate_fn` is a callable, so it is built in code, not from a config.
-    """
 
-    name = "model_judge"
-    form = Form.BINARY
+def from_verdict(v: Verdict) -> JudgeResult:
+    """Any verifier's verdict as a judgment: a program verifier's pass/fail is a unanimous vote."""
+    d = v.details
+    if "decision" in d:
+        return JudgeResult(d["decision"], v.score, d.get("votes", []), d.get("texts", []), d.get("unparseable", 0),
+                           d.get("source", "model"))
+    return JudgeResult(v.passed, float(v.passed), [v.passed], [], 0, "rules")
+
+
+class _Judge(Verifier):
     granularity = Granularity.TRAJECTORY
+    form = Form.BINARY
     source = Source.MODEL
 
     def __init__(self, generate_fn: GenerateFn, votes: int = 5) -> None:
         if not callable(generate_fn):
-            raise UserError("model_judge: generate_fn must be callable")
+            raise UserError(f"{self.name}: generate_fn must be callable")
         if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
-            raise UserError(f"model_judge: votes must be a positive integer, got {votes!r}")
+            raise UserError(f"{self.name}: votes must be a positive integer, got {votes!r}")
         self.generate_fn = generate_fn
         self.votes = votes
+
+    def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
+        raise NotImplementedError
+
+    def verify(self, sample: dict) -> Verdict:
+        return as_verdict(self.judge_batch([sample])[0])
+
+    def verify_batch(self, samples: list[dict]) -> list[Verdict]:
+        return [as_verdict(r) for r in self.judge_batch(samples)]
+
+
+@register_verifier("model_judge")
+class ModelJudge(_Judge):
+    """A model judging whole responses by majority of `votes` sampled judgments (binary, trajectory);
+    score = the yes-vote share, which SPAR's tree search gates on."""
+
+    name = "model_judge"
 
     def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
         """One generate_fn call for all samples, `votes` judgments each."""
@@ -181,38 +205,16 @@ class ModelJudge(Verifier):
             results.append(JudgeResult(decision, value, votes, list(texts), bad, "model"))
         return results
 
-    def verify(self, sample: dict) -> Verdict:
-        return _verdict(self.judge_batch([sample])[0])
 
-    def verify_batch(self, samples: list[dict]) -> list[Verdict]:
-        return [_verdict(r) for r in self.judge_batch(samples)]
+@register_verifier("hybrid_judge")
+class HybridJudge(_Judge):
+    """The IFEval rules where every instruction of a sample has a rule checker, the model judge
+    for the rest (batched in one call)."""
 
-
-def _verdict(r: JudgeResult) -> Verdict:
-    return Verdict(passed=r.decision is True, score=r.value, details={"votes": r.votes, "unparseable": r.unparseable})
-
-
-@dataclass
-class Judge:
-    """Routes each sample to the rules or the model (see `make_judge`)."""
-
-    mode: str
-    model: ModelJudge | None
+    name = "hybrid_judge"
 
     def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
-        use_rules = [self.mode == "rules" or (self.mode == "hybrid" and rule_checkable(s)) for s in samples]
+        use_rules = [rule_checkable(s) for s in samples]
         to_model = [s for s, r in zip(samples, use_rules) if not r]
-        from_model = iter(self.model.judge_batch(to_model) if to_model and self.model else [])
+        from_model = iter(ModelJudge(self.generate_fn, self.votes).judge_batch(to_model) if to_model else [])
         return [rule_judgment(s) if r else next(from_model) for s, r in zip(samples, use_rules)]
-
-
-def make_judge(mode: str, generate_fn: GenerateFn | None = None, votes: int = 5) -> Judge:
-    """mode "model": the model; "rules": IFEval rules as oracle; "hybrid": rules where every
-    instruction id is rule-checkable, the model for the rest (batched in one call)."""
-    if mode not in JUDGE_MODES:
-        raise UserError(f"judge mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
-    if mode == "rules":
-        return Judge(mode, None)
-    if generate_fn is None:
-        raise UserError(f"judge mode {mode!r} needs a generate_fn")
-    return Judge(mode, ModelJudge(generate_fn, votes))

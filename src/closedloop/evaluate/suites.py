@@ -1,0 +1,46 @@
+"""Evaluation suites, looked up by name (lm-evaluation-harness style).
+
+A suite turns one model (a generation backend) into per-example records:
+`{"suite", "key", "scores": {metric: [numerator, denominator]}, "breakdown": {group: [num, den]}, ...}`.
+Every metric is a ratio of sums over examples, so one bootstrap (evaluate.bootstrap) gives each
+model's interval and the paired difference between models. The `eval@<model>` stages run every
+suite in `evaluate.suites`; the `compare` stage makes one table per suite with the models as rows.
+A new suite is a module in closedloop/evaluate/ that calls `register_suite`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from closedloop.errors import UserError
+
+
+class Suite(Protocol):
+    name: str
+    metrics: tuple[str, ...]  # the headline metrics, in table order
+    breakdown_label: str  # what a breakdown group is, for the report ("instruction id")
+
+    def run(self, params: Any, root: Path, backend: Any) -> list[dict]:
+        """Score the model behind `backend` on the suite's examples; one record per example."""
+        ...
+
+
+_SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite) -> Suite:
+    _SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    import closedloop.evaluate as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):  # suites register on import
+        importlib.import_module(f"closedloop.evaluate.{mod.name}")
+    if name not in _SUITES:
+        raise UserError(f"evaluate.suites: unknown suite {name!r} (known: {', '.join(sorted(_SUITES))})")
+    return _SUITES[name]

@@ -1,0 +1,88 @@
+"""Rejection-sampling fine-tuning (RFT): the baseline closed loop, as a recipe over plain rows.
+
+    search   best-of-N: `num_samples` completions per train prompt
+    verify   a registered verifier (IFEval rules by default) scores each sample; samples scoring
+             at least `threshold` are kept, at most `max_per_prompt` distinct ones per prompt
+    feedback SFT on the kept (prompt, response) pairs (TRL, LoRA by default)
+
+The stages (stages/rft.py) read and write files; everything here is rows in, rows out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from closedloop.config import SFTParams, bounds
+
+
+@dataclass
+class RFTConfig:
+    # search: best-of-N sampling on the train prompts
+    num_samples: int = field(default=4, metadata=bounds(ge=1, le=1024))
+    temperature: float = field(default=0.9, metadata=bounds(ge=0.0, le=10.0))
+    top_p: float = field(default=0.95, metadata=bounds(gt=0.0, le=1.0))
+    max_new_tokens: int = field(default=160, metadata=bounds(ge=1, le=100_000))
+    batch_size: int = field(default=32, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
+    # verify: a registered verifier by name, built with verifier_args (ifeval_rules: mode strict |
+    # loose); a sample is kept when its verdict's score (in [0, 1]) is >= threshold
+    verifier: str = "ifeval_rules"
+    verifier_args: dict[str, str | int | float | bool] = field(default_factory=lambda: {"mode": "strict"})
+    threshold: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
+    max_per_prompt: int = field(default=2, metadata=bounds(ge=1, le=1024))
+    # feedback: SFT on the kept samples
+    sft: SFTParams = field(default_factory=SFTParams)
+
+
+CONFIG = RFTConfig
+
+
+def sample_rows(backend: Any, rows: Sequence[dict], num_samples: int, sampling: dict, seed: int,
+                batch_size: int) -> Iterator[dict]:
+    """Search: one row per (prompt, sample), yielded batch by batch; batch b uses its own seed, so
+    a run killed half-way and rerun gives the same rows as one that never died."""
+    from tqdm import tqdm
+
+    from closedloop.generate import SamplingParams
+
+    per_batch = max(1, batch_size // num_samples)
+    for b, start in enumerate(tqdm(range(0, len(rows), per_batch), desc="rft search", unit="batch")):
+        chunk = rows[start: start + per_batch]
+        params = SamplingParams(n=num_samples, seed=seed * 1_000_003 + b, **sampling)
+        outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in chunk], params)
+        for row, completions in zip(chunk, outs):
+            for i, c in enumerate(completions):
+                yield {**row, "sample_idx": i, "response": c.text, "num_tokens": c.num_tokens,
+                       "finish_reason": c.finish_reason}
+
+
+def score_samples(verifier: Any, samples: Sequence[dict]) -> list[dict]:
+    """Verify: each sample with its verdict (`passed`, `score` in [0, 1], the verifier's details)."""
+    verdicts = verifier.verify_batch(list(samples))
+    return [{**s, "passed": v.passed, "score": v.score, "details": v.details} for s, v in zip(samples, verdicts)]
+
+
+def select(scored: Sequence[dict], threshold: float, max_per_prompt: int) -> list[dict]:
+    """Feedback data: per prompt, up to `max_per_prompt` distinct non-empty responses scoring
+    >= threshold, best first (ties: lower sample index first); prompts in key order."""
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for row in scored:
+        if row["score"] >= threshold:
+            by_prompt[str(row["key"])].append(row)
+    kept = []
+    for key in sorted(by_prompt):
+        seen: set[str] = set()
+        for row in sorted(by_prompt[key], key=lambda r: (-r["score"], r["sample_idx"])):
+            if row["response"].strip() and row["response"] not in seen and len(seen) < max_per_prompt:
+                seen.add(row["response"])
+                kept.append({"key": row["key"], "prompt": row["prompt"], "response": row["response"],
+                             "score": row["score"], "sample_idx": row["sample_idx"]})
+    return kept
+
+
+def sft_examples(kept: Sequence[dict]) -> list[dict]:
+    """Conversational prompt-completion examples (TRL computes the loss on the completion only)."""
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["response"]}]} for r in kept]

@@ -1,0 +1,85 @@
+"""RFT's stages (dvc.yaml `meta: {method: rft}`): search, verify, feedback.
+
+    rft_sample  best-of-N from models/base on the train prompts      data/rft/samples.jsonl
+    rft_verify  the verifier scores every sample; select the kept set data/rft/{scored,sft}.jsonl, metrics
+    rft_train   SFT from models/base on the kept set                 models/rft (merged; adapter in models/rft/adapter)
+
+The evaluation is the shared `eval@rft` (evaluate.models.rft: models/rft).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from closedloop.errors import UserError
+from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from closedloop.methods import rft
+from closedloop.stages.common import open_backend
+
+DATA = Path("data/rft")
+TRAIN = Path("data/suite/train.jsonl")
+
+
+def run_sample(params: Any, root: Path, key: str | None) -> None:
+    r = params.rft
+    backend = open_backend(params, root, "models/base", r.batch_size)
+    rows = read_jsonl(root / TRAIN)
+    sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens}
+    n = write_jsonl(root / DATA / "samples.jsonl",
+                    rft.sample_rows(backend, rows, r.num_samples, sampling, params.seed, r.batch_size))
+    stats = backend.stats
+    mlflow.log_metrics({"num_samples": n, "generated_tokens": stats.get("generated_tokens", 0),
+                        "generation_seconds": stats.get("seconds", 0.0)})
+    if stats.get("seconds"):
+        mlflow.log_metric("tokens_per_second", stats["generated_tokens"] / stats["seconds"])
+
+
+def run_verify(params: Any, root: Path, key: str | None) -> None:
+    import pandas as pd
+
+    from closedloop.verifiers import get_verifier
+
+    r = params.rft
+    samples = read_jsonl(root / DATA / "samples.jsonl")
+    scored = rft.score_samples(get_verifier(r.verifier, **r.verifier_args), samples)
+    kept = rft.select(scored, r.threshold, r.max_per_prompt)
+    prompts = {str(s["key"]) for s in samples}
+    passing = [s for s in scored if s["passed"]]
+    metrics = {
+        "num_samples": len(samples),
+        "sample_pass_rate": len(passing) / max(1, len(samples)),
+        "prompt_pass_at_n": len({str(s["key"]) for s in passing}) / max(1, len(prompts)),
+        "num_kept": len(kept),
+        "prompts_kept": len({str(s["key"]) for s in kept}),
+    }
+    write_jsonl(root / DATA / "scored.jsonl", scored)
+    write_jsonl(root / DATA / "sft.jsonl", kept)
+    write_json(root / DATA / "verify_metrics.json", metrics)
+    mlflow.log_metrics(metrics)
+    mlflow.log_table(pd.DataFrame([{"key": s["key"], "prompt": s["prompt"], "response": s["response"],
+                                    "passed": s["passed"], "score": s["score"]} for s in scored[:200]]),
+                     "samples.json")
+
+
+def run_train(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.feedback.sft import train_sft
+
+    kept = read_jsonl(root / DATA / "sft.jsonl")
+    if not kept:
+        raise UserError(f"{DATA / 'sft.jsonl'}: no verified samples to train on; lower rft.threshold or raise "
+                        "rft.num_samples")
+    with atomic_dir(root / "models/rft") as tmp:
+        metrics = train_sft(root / "models/base", rft.sft_examples(kept), tmp, params.rft.sft.value(), seed=params.seed,
+                            dtype=params.model.dtype)
+        for step, loss in metrics.pop("loss_history"):
+            mlflow.log_metric("train_loss", loss, step=step)
+        if (tmp / "adapter").is_dir():
+            mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
+    write_json(root / DATA / "train_metrics.json", metrics)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+STAGES = {"rft_sample": run_sample, "rft_verify": run_verify, "rft_train": run_train}

@@ -1,0 +1,113 @@
+"""The stages every method shares (dvc.yaml `meta: {method: shared}`).
+
+    base         model.base -> models/base (safetensors + tokenizer, in model.dtype)
+    prepare      the synthetic instruction suite -> data/suite/{train,eval}.jsonl
+    eval@<name>  every suite in evaluate.suites on evaluate.models[<name>] -> data/eval/<name>/
+    compare      every evaluated model as a row, paired intervals against evaluate.reference -> data/compare/
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from closedloop.errors import UserError
+from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl, write_text
+from closedloop.stages.common import open_backend
+
+TRAIN = Path("data/suite/train.jsonl")
+EVAL = Path("data/suite/eval.jsonl")
+EVAL_DIR = Path("data/eval")
+COMPARE_DIR = Path("data/compare")
+
+
+def run_base(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.models import materialise_base
+
+    m = params.model
+    with atomic_dir(root / "models/base") as tmp:
+        info = materialise_base(root / m.base, tmp, trust_remote_code=m.trust_remote_code, dtype=m.dtype)
+    mlflow.log_params({"base.source": info["source"], "base.architecture": info["architecture"]})
+    mlflow.log_metric("num_parameters", info["num_parameters"])
+
+
+def run_prepare(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.suite import build_suite, load_seed_tasks
+
+    p = params.prepare
+    seeds = load_seed_tasks(root / p.seeds)
+    train, evalset = build_suite(seeds, p.num_train, p.num_eval, p.min_constraints, p.max_constraints, params.seed)
+    write_jsonl(root / TRAIN, train)
+    write_jsonl(root / EVAL, evalset)
+    ids = Counter(i for row in train for i in row["instruction_id_list"])
+    mlflow.log_metrics({"num_train": len(train), "num_eval": len(evalset), "train_distinct_ids": len(ids)})
+
+
+def run_eval(params: Any, root: Path, name: str | None) -> None:
+    """One model through every suite: the same prompts and decoding for every model, so the
+    metric names line up in MLflow's compare view and in the comparison report."""
+    import pandas as pd
+
+    from closedloop.evaluate.bootstrap import ratio_interval
+    from closedloop.evaluate.suites import get_suite
+
+    e = params.evaluate
+    backend = open_backend(params, root, e.models[name], e.batch_size)
+    out = root / EVAL_DIR / name
+    records, metrics = [], {}
+    for suite_name in e.suites:
+        suite = get_suite(suite_name)
+        rows = suite.run(params, root, backend)
+        records += rows
+        for m in suite.metrics:
+            num = [r["scores"][m][0] for r in rows]
+            den = [r["scores"][m][1] for r in rows]
+            iv = ratio_interval(num, den, e.bootstrap, params.seed)
+            metrics |= {m: iv["value"], f"{m}_ci_low": iv["ci_low"], f"{m}_ci_high": iv["ci_high"]}
+        metrics[f"{suite_name}_examples"] = len(rows)
+    write_jsonl(out / "records.jsonl", records)
+    write_json(out / "metrics.json", metrics)
+    mlflow.log_metrics(metrics)
+    stats = getattr(backend, "stats", {})
+    if stats.get("seconds"):
+        mlflow.log_metric("tokens_per_second", stats["generated_tokens"] / stats["seconds"])
+    mlflow.log_table(pd.DataFrame([{k: r.get(k) for k in ("suite", "key", "prompt", "response")} for r in records]),
+                     "generations.json")
+
+
+def run_compare(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.evaluate import compare
+    from closedloop.evaluate.suites import get_suite
+
+    e = params.evaluate
+    names = list(e.models)
+    missing = [n for n in names if not (root / EVAL_DIR / n / "records.jsonl").is_file()]
+    if missing:
+        raise UserError(f"compare: no evaluation for {', '.join(missing)} in {EVAL_DIR}/ (run eval@{missing[0]} first)")
+    records = {n: read_jsonl(root / EVAL_DIR / n / "records.jsonl") for n in names}
+    sections, results, rows = [], {}, []
+    for suite_name in e.suites:
+        suite = get_suite(suite_name)
+        by_model = {n: [r for r in recs if r["suite"] == suite_name] for n, recs in records.items()}
+        result = compare.compare_suite(by_model, suite.metrics, e.reference, e.bootstrap, params.seed)
+        results[suite_name] = result
+        sections.append(compare.markdown(suite_name, result, suite.breakdown_label))
+        rows += compare.plot_rows(suite_name, result)
+        compare.plot(suite_name, result, root / COMPARE_DIR / f"{suite_name}.png")
+        for n, entry in result["models"].items():
+            for m, d in entry["diff"].items():
+                mlflow.log_metrics({f"{n}/{m}": entry["metrics"][m]["value"], f"{n}/{m}_diff": d["value"],
+                                    f"{n}/{m}_diff_ci_low": d["ci_low"], f"{n}/{m}_diff_ci_high": d["ci_high"]})
+        mlflow.log_artifact(str(root / COMPARE_DIR / f"{suite_name}.png"))
+    report = "\n".join(sections)
+    write_text(root / COMPARE_DIR / "report.md", report)
+    write_json(root / COMPARE_DIR / "report.json", results)
+    write_json(root / COMPARE_DIR / "plot.json", rows)
+    mlflow.log_artifact(str(root / COMPARE_DIR / "report.md"))
+    print(report)
+
+
+STAGES = {"base": run_base, "prepare": run_prepare, "eval": run_eval, "compare": run_compare}
