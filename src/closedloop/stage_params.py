@@ -26,7 +26,8 @@ def declared_params(root: Path, stage: str) -> set[str]:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        (resolved,) = repo.stage.collect(stage)
+        # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
+        (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
         keys: set[str] = set()
         for dep in resolved.deps:
             if isinstance(dep, ParamsDependency):
