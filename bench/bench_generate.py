@@ -1,8 +1,10 @@
-"""Batched HFBackend vs one-prompt-at-a-time `model.generate`: generated tokens per second.
+"""The engine vs HF's batched generate vs one prompt at a time: generated tokens per second.
 
-Run by hand, never asserted in tests:
-    .venv/bin/python bench/bench_generate.py --model models/base --prompts 32 --max-new-tokens 64
-Prints a small table, then one JSON line (last line) for scripts.
+Same prompts, same sampling params, same batch size, one run side by side, for each dtype asked:
+    .venv/bin/python bench/bench_generate.py --model models/base --prompts 32 --max-new-tokens 64 \
+        --dtypes float32 bfloat16
+Run alone (two torch processes on 2 cores slow each other 5-10x); never asserted in tests.
+Prints a table per dtype, then one JSON line (last line) for scripts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory only; never re
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from closedloop.generate import HFBackend, SamplingParams, render_prompt
+from closedloop.generate import HFBackend, SamplingParams, make_backend, render_prompt
 
 TOPICS = ["prime numbers", "the water cycle", "a haiku about autumn", "binary search", "photosynthesis",
           "the French revolution", "how vaccines work", "a limerick about a cat", "recursion", "black holes",
@@ -62,51 +64,63 @@ def sequential(model, tokenizer, prompts, params: SamplingParams, stop_ids: list
     return tokens, time.perf_counter() - start
 
 
+def timed(backend, prompts, params: SamplingParams) -> tuple[int, float]:
+    """(generated tokens, seconds) of one generate call, after a warm-up call."""
+    backend.generate(prompts[:1], SamplingParams(max_new_tokens=2))  # first-call overheads
+    tok, sec = backend.stats["generated_tokens"], backend.stats["seconds"]
+    backend.generate(prompts, params)
+    return backend.stats["generated_tokens"] - tok, backend.stats["seconds"] - sec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/base", help="local HF model dir (default: models/base)")
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--sequential-prompts", type=int, default=8,
+                    help="prompts for the one-at-a-time baseline (tok/s is per token, so fewer suffice)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n", type=int, default=1, help="completions per prompt")
     ap.add_argument("--greedy", action="store_true", help="temperature 0 (default: sample at T=0.8, top_p=0.95)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights dtype for both modes (bfloat16 is faster on CPUs with AVX512-BF16)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="weights dtypes (bfloat16 pays only on CPUs with native bf16 matmuls)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = Path(args.model)
     if not (path / "config.json").exists():
         sys.exit(f"no model at {path}; materialise the base model first with: closedloop stage base")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     params = SamplingParams(n=args.n, temperature=0.0 if args.greedy else 0.8, top_p=0.95,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     prompts = make_prompts(args.prompts)
-
-    backend = HFBackend(model, tokenizer, batch_size=args.batch_size, show_progress=False)
-    backend.generate(prompts[:1], SamplingParams(max_new_tokens=2))  # warm-up: first-call overheads
-    warm = dict(backend.stats)
-    backend.generate(prompts, params)
-    b_tok = backend.stats["generated_tokens"] - warm["generated_tokens"]
-    b_sec = backend.stats["seconds"] - warm["seconds"]
-    s_tok, s_sec = sequential(model, tokenizer, prompts, params, backend.stop_ids)
-
-    b_tps, s_tps = b_tok / b_sec, s_tok / s_sec
     print(f"model={path} prompts={args.prompts} n={args.n} max_new_tokens={args.max_new_tokens} "
           f"batch_size={args.batch_size} {'greedy' if args.greedy else 'T=0.8 top_p=0.95'} "
-          f"threads={torch.get_num_threads()} device={model.device}")
-    print(f"{'mode':<12}{'tokens':>8}{'seconds':>10}{'tok/s':>10}")
-    print(f"{'batched':<12}{b_tok:>8}{b_sec:>10.2f}{b_tps:>10.1f}")
-    print(f"{'sequential':<12}{s_tok:>8}{s_sec:>10.2f}{s_tps:>10.1f}")
-    print(f"speedup: {b_tps / s_tps:.2f}x")
-    print(json.dumps({
-        "model": str(path), "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "greedy": args.greedy, "threads": torch.get_num_threads(),
-        "batched": {"tokens": b_tok, "seconds": round(b_sec, 3), "tok_per_s": round(b_tps, 2)},
-        "sequential": {"tokens": s_tok, "seconds": round(s_sec, 3), "tok_per_s": round(s_tps, 2)},
-        "speedup": round(b_tps / s_tps, 3),
-    }))
+          f"threads={torch.get_num_threads()}")
+    results = {}
+    for dtype in args.dtypes:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        rows = {}
+        for name in ("engine", "hf"):
+            backend = make_backend(name, model, tokenizer, batch_size=args.batch_size, show_progress=False)
+            rows[name] = timed(backend, prompts, params)
+        rows["one at a time"] = sequential(model, tokenizer, prompts[: args.sequential_prompts], params,
+                                           HFBackend(model, tokenizer).stop_ids)
+        tps = {k: t / s for k, (t, s) in rows.items()}
+        print(f"\n{dtype}\n{'mode':<16}{'tokens':>8}{'seconds':>10}{'tok/s':>10}")
+        for k, (t, sec) in rows.items():
+            print(f"{k:<16}{t:>8}{sec:>10.2f}{tps[k]:>10.1f}")
+        print(f"engine vs hf batched: {tps['engine'] / tps['hf']:.2f}x; "
+              f"engine vs one at a time: {tps['engine'] / tps['one at a time']:.2f}x; "
+              f"hf batched vs one at a time: {tps['hf'] / tps['one at a time']:.2f}x")
+        results[dtype] = {k: {"tokens": t, "seconds": round(sec, 3), "tok_per_s": round(tps[k], 2)}
+                          for k, (t, sec) in rows.items()}
+    print(json.dumps({"model": str(path), "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
+                      "batch_size": args.batch_size, "greedy": args.greedy, "threads": torch.get_num_threads(),
+                      "results": results}))
 
 
 if __name__ == "__main__":

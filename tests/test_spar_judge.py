@@ -230,3 +230,20 @@ def test_judges_are_verifiers_chosen_by_name():
         get_verifier("oracle")
     with pytest.raises(UserError, match="generate_fn"):
         get_verifier("hybrid_judge")
+
+
+def test_label_scored_judge_decides_by_p_yes():
+    seen = []
+
+    def score(chats):
+        seen.append(chats)
+        return [0.9, 0.2, 0.5][: len(chats)]
+
+    judge = get_verifier("model_judge", score_fn=score)
+    verdicts = judge.verify_batch([{"prompt": "p", "response": r} for r in ("a", "b", "c")])
+    assert [v.details["decision"] for v in verdicts] == [True, False, None]  # exactly 0.5: a tie, dropped
+    assert [v.score for v in verdicts] == [0.9, 0.2, 0.5] and [v.passed for v in verdicts] == [True, False, False]
+    assert len(seen) == 1 and seen[0][0] == judge_messages("p", "a")  # one call, the judge prompt
+    assert all(v.details["unparseable"] == 0 for v in verdicts)  # label scoring never fails to parse
+    with pytest.raises(UserError, match="exactly one of"):
+        get_verifier("model_judge", generate_fn=ScriptedModel(SCRIPT), score_fn=score)

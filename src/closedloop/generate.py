@@ -21,6 +21,12 @@ token drawn near a probability boundary (and everything after it). Greedy-like d
 (a tiny top_p) agrees; compare sampled runs only within one mode.
 
 `HFBackend.stats` accumulates prompt/generated/prefill token counts and wall seconds over calls.
+
+Backends by name (`make_backend`): "engine" (`closedloop.engine.EngineBackend`, the default:
+continuous batching over the model's forward, see its module doc), "hf" (this module's `HFBackend`,
+the reference) and "vllm" (a hook; no vLLM backend ships). Both shipped backends honour
+`SamplingParams.stop` and response prefill (a chat whose last message is the assistant's: the
+completion continues it), so `closedloop.structured` scaffolds run on either.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import importlib.util
 import inspect
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -37,11 +43,13 @@ from tqdm.auto import tqdm
 from closedloop.errors import UserError
 
 # A chat (list of {"role", "content"} messages, rendered with the chat template plus the
-# assistant header) or raw text used as is.
+# assistant header; or, when the last message is the assistant's, rendered so that the completion
+# continues that message: response prefill) or raw text used as is.
 Prompt = Union[list[dict], str]
 
 # The backend stages use (`stages.common.open_backend`): make_backend(DEFAULT_BACKEND, model, tok, ...).
-DEFAULT_BACKEND = "hf"
+DEFAULT_BACKEND = "engine"
+BACKENDS = ("engine", "hf", "vllm")
 
 # End-of-turn markers of common chat templates. One counts as a stop token only if the
 # tokenizer's template mentions it and it is a single token in the vocabulary.
@@ -55,8 +63,16 @@ class SamplingParams:
     top_p: float = 0.95
     max_new_tokens: int = 128
     seed: int = 0
+    # Stop strings: generation ends once the decoded completion contains one (it may span several
+    # tokens); the returned text ends before it and finish_reason is "stop".
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise UserError(f"sampling: stop strings must be non-empty strings, got {self.stop!r}")
         if self.n < 1:
             raise UserError(f"sampling: n must be >= 1, got {self.n}")
         if self.temperature < 0:
@@ -70,8 +86,8 @@ class SamplingParams:
 @dataclass
 class Completion:
     text: str
-    num_tokens: int  # generated tokens, EOS excluded
-    finish_reason: str  # "stop" (EOS/stop token) or "length"
+    num_tokens: int  # generated tokens, EOS excluded; with a stop string, up to the token completing it
+    finish_reason: str  # "stop" (EOS/stop token/stop string) or "length"
 
 
 class GenerationBackend(Protocol):
@@ -79,12 +95,54 @@ class GenerationBackend(Protocol):
 
 
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
-    """Chat messages -> template text ending in the assistant header; a string passes through."""
+    """Chat messages -> template text ending in the assistant header; a string passes through.
+
+    A chat whose last message has role "assistant" is a response prefill: it is rendered with
+    `continue_final_message=True` (no end-of-turn after it), so the completion continues that text.
+    """
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("prompt is a list of chat messages but the tokenizer has no chat_template")
+    if prompt and prompt[-1].get("role") == "assistant":
+        return tokenizer.apply_chat_template(prompt, tokenize=False, continue_final_message=True)
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Prompt token ids as every backend feeds them to the model."""
+    text = render_prompt(tokenizer, prompt)
+    # Chat templates already write BOS and friends; raw text gets the tokenizer's usual specials.
+    return tokenizer.encode(text, add_special_tokens=isinstance(prompt, str))
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Index in `text` where the earliest stop string starts, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def make_completion(tokenizer: Any, new_tokens: list[int], stop_ids: Sequence[int],
+                    stops: Sequence[str] = ()) -> Completion:
+    """Generated ids -> Completion: cut at the first stop token, then at the first stop string.
+
+    With a stop string, num_tokens counts the tokens up to the one whose decoding completes it
+    (the smallest such prefix, found by bisection over prefix decodes), the text ends before it.
+    """
+    ids = set(stop_ids)
+    cut = next((i for i, t in enumerate(new_tokens) if t in ids), None)
+    kept = new_tokens if cut is None else new_tokens[:cut]
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    if stops and (at := first_stop(text, stops)) >= 0:
+        lo, hi = 1, len(kept)  # invariant: the prefix of length hi contains a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if first_stop(tokenizer.decode(kept[:mid], skip_special_tokens=True), stops) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        return Completion(text=text[:at].rstrip(), num_tokens=hi, finish_reason="stop")
+    return Completion(text=text.rstrip(), num_tokens=len(kept), finish_reason="length" if cut is None else "stop")
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -142,9 +200,7 @@ class HFBackend:
         }
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        text = render_prompt(self.tokenizer, prompt)
-        # Chat templates already write BOS and friends; raw text gets the tokenizer's usual specials.
-        return self.tokenizer.encode(text, add_special_tokens=isinstance(prompt, str))
+        return encode_prompt(self.tokenizer, prompt)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -173,12 +229,26 @@ class HFBackend:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         return kw
 
-    def _completion(self, new_tokens: list[int]) -> Completion:
-        stops = set(self.stop_ids)
-        cut = next((i for i, t in enumerate(new_tokens) if t in stops), None)
-        kept = new_tokens if cut is None else new_tokens[:cut]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).rstrip()
-        return Completion(text=text, num_tokens=len(kept), finish_reason="length" if cut is None else "stop")
+    def _stop_criteria(self, params: SamplingParams, prompt_width: int) -> dict[str, Any]:
+        """generate kwargs that end rows at a stop string (the text cut itself is make_completion's)."""
+        if not params.stop:
+            return {}
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tok, stops = self.tokenizer, params.stop
+
+        # Not generate's own `stop_strings`: its StopStringCriteria matches token strings, which fails on
+        # tokenizers whose decoder inserts text between tokens (e.g. WordLevel's spaces) and refuses
+        # some vocabularies outright. Decoding each row's completion is slower but always right.
+        class _StopStrings(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                return torch.tensor([first_stop(tok.decode(row, skip_special_tokens=True), stops) >= 0
+                                     for row in input_ids[:, prompt_width:].tolist()], device=input_ids.device)
+
+        return {"stopping_criteria": StoppingCriteriaList([_StopStrings()])}
+
+    def _completion(self, new_tokens: list[int], stops: Sequence[str] = ()) -> Completion:
+        return make_completion(self.tokenizer, new_tokens, self.stop_ids, stops)
 
     def _sample_batch(self, ids: torch.Tensor, mask: torch.Tensor, kw: dict[str, Any], copies: int,
                       **extra: Any) -> Any:
@@ -247,10 +317,10 @@ class HFBackend:
                     # Seeded per batch so a batch's samples do not depend on what ran before it.
                     torch.manual_seed(params.seed + b)
                     ids, mask = self._left_pad([encoded[i] for i in idx])
-                    seqs = self._sample_batch(ids, mask, kw, copies)
+                    seqs = self._sample_batch(ids, mask, kw, copies, **self._stop_criteria(params, ids.shape[1]))
                     new = seqs[:, ids.shape[1] :].tolist()  # rows are prompt-major: `copies` per prompt
                     for j, i in enumerate(idx):
-                        comps = [self._completion(new[j * copies + k]) for k in range(copies)]
+                        comps = [self._completion(new[j * copies + k], params.stop) for k in range(copies)]
                         out[i] = comps if copies == params.n else [replace(comps[0]) for _ in range(params.n)]
                         # Stats count computed work, not the repeated greedy copies.
                         self.stats["prompt_tokens"] += len(encoded[i]) * copies
@@ -265,14 +335,23 @@ class HFBackend:
 
 
 def make_backend(name: str, model: Any, tokenizer: Any, **kw: Any) -> GenerationBackend:
-    """Backend by name: "hf" (HFBackend(model, tokenizer, **kw)) or "vllm" (hook, not implemented)."""
+    """Backend by name, constructed as `Backend(model, tokenizer, **kw)`.
+
+    "engine": `closedloop.engine.EngineBackend` (DEFAULT_BACKEND; `model` may be a list of models
+    with a `combine=` callable), "hf": `HFBackend` (the reference), "vllm": a hook that raises.
+    """
+    if name == "engine":
+        from closedloop.engine import EngineBackend  # the engine imports this module
+
+        return EngineBackend(model, tokenizer, **kw)
     if name == "hf":
         return HFBackend(model, tokenizer, **kw)
     if name == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError("generation backend 'vllm' needs the vllm package (pip install vllm, GPU only); use 'hf'")
         # Hook: a VLLMBackend would load the checkpoint directory into vllm.LLM, map SamplingParams
-        # to vllm.SamplingParams(n, temperature, top_p, max_tokens, seed, stop_token_ids) and
+        # to vllm.SamplingParams(n, temperature, top_p, max_tokens, seed, stop, stop_token_ids) and
         # return Completions in prompt order, satisfying GenerationBackend.
-        raise NotImplementedError("generation backend 'vllm' is not implemented yet; use 'hf'")
-    raise UserError(f"unknown generation backend {name!r}; expected 'hf' or 'vllm'")
+        installed = importlib.util.find_spec("vllm") is not None
+        raise UserError("generation backend 'vllm' is not implemented"
+                        + ("" if installed else " (and the vllm package is not installed)")
+                        + "; use 'engine' or 'hf'")
+    raise UserError(f"unknown generation backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -44,6 +44,9 @@ class SparJudgeConfig:
     temperature: float = field(default=0.7, metadata=bounds(gt=0.0, le=10.0))
     top_p: float = field(default=0.95, metadata=bounds(gt=0.0, le=1.0))
     max_new_tokens: int = field(default=96, metadata=bounds(ge=1, le=100_000))
+    # votes: k sampled judgments, majority (the paper); labels: one forward pass, value = P(" yes")
+    # after the judge prompt and a prefilled "Verdict:" (label scoring: never unparseable)
+    scoring: Literal["votes", "labels"] = "votes"
 
 
 @dataclass
@@ -58,6 +61,10 @@ class SparTreeConfig:
     top_p: float = field(default=0.9, metadata=bounds(gt=0.0, le=1.0))
     max_new_tokens: int = field(default=160, metadata=bounds(ge=1, le=100_000))
     roots_per_prompt: int = field(default=1, metadata=bounds(ge=1, le=1024))  # failing responses refined per prompt
+    # The refiner answers through a scaffold: "Critique:" (critique_tokens) then "Refined response:"
+    # (max_new_tokens) are written by us, so the format holds whatever the model writes.
+    scaffold: bool = True
+    critique_tokens: int = field(default=48, metadata=bounds(ge=1, le=100_000))
 
 
 @dataclass
@@ -121,6 +128,31 @@ class SeededGenerator:
             return []
         params = SamplingParams(n=n, seed=self.seed * 1_000_003 + next(self.calls), **self.sampling)
         return [[c.text for c in comps] for comps in self.backend.generate(chats, params)]
+
+
+class ScaffoldedRefiner:
+    """Like SeededGenerator, for refine prompts: each text is `Critique: ... Refined response: ...`
+    by construction (a two-segment scaffold), so `parse_refinement` never fails on the format."""
+
+    def __init__(self, backend: Any, temperature: float, top_p: float, critique_tokens: int, max_new_tokens: int,
+                 seed: int):
+        from closedloop.structured import Segment
+
+        self.backend, self.seed = backend, seed
+        self.sampling = {"temperature": temperature, "top_p": top_p}
+        self.segments = [Segment("Critique:", critique_tokens), Segment("Refined response:", max_new_tokens)]
+        self.calls = itertools.count()
+
+    def __call__(self, chats: list[list[dict]], n: int) -> list[list[str]]:
+        from closedloop.generate import SamplingParams
+        from closedloop.structured import generate_scaffold
+        from closedloop.verifiers.judge import format_refinement
+
+        if not chats:
+            return []
+        params = SamplingParams(n=n, seed=self.seed * 1_000_003 + next(self.calls), max_new_tokens=1, **self.sampling)
+        outs = generate_scaffold(self.backend, chats, self.segments, params)
+        return [[format_refinement(*o.segments) for o in per_chat] for per_chat in outs]
 
 
 def sample_responses(generate, rows: Sequence[dict], n: int) -> list[dict]:

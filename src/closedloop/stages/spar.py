@@ -47,15 +47,40 @@ def _tree_params(t: Any, single_refinement: bool = False):
     return TreeParams(t.strategy, t.width, t.branches, t.max_depth, t.gate, t.budget)
 
 
+def _refiner(backend: Any, t: Any, seed: int):
+    """The refine generator: scaffolded (`Critique:` / `Refined response:` written by us) or free."""
+    if t.scaffold:
+        return spar.ScaffoldedRefiner(backend, t.temperature, t.top_p, t.critique_tokens, t.max_new_tokens, seed)
+    return _generator(backend, t, seed)
+
+
+def _model_judge_args(params: Any, backend: Any, seed: int) -> tuple[dict, int]:
+    """(kwargs for a model judge over `backend`, generations one judgment costs): sampled votes,
+    or label scoring of " yes"/" no" after a prefilled "Verdict:" (spar.judge.scoring)."""
+    j = params.spar.judge
+    if j.scoring == "labels":
+        from closedloop.label_scoring import score_labels
+
+        def score(chats: list[list[dict]]) -> list[float]:
+            prefilled = [[*c, {"role": "assistant", "content": "Verdict:"}] for c in chats]
+            return [p[0] for p in score_labels(backend.model, backend.tokenizer, prefilled, [" yes", " no"],
+                                               params.spar.batch_size)]
+
+        return {"score_fn": score}, 1
+    return {"generate_fn": _generator(backend, j, seed), "votes": j.votes}, j.votes
+
+
 def _judge(params: Any, root: Path, refiner_dir: Path, seed: int):
-    """(the judge verifier named by spar.judge.verifier, the refiner's backend or None, votes it costs)."""
+    """(the judge verifier named by spar.judge.verifier, the refiner's backend or None, generations a
+    judgment costs)."""
     from closedloop.verifiers import Source, get_verifier, verifier_class
 
     j = params.spar.judge
     if verifier_class(j.verifier).source != Source.MODEL:
         return get_verifier(j.verifier), None, 0  # rule checks cost no generations
     backend = open_backend(params, root, refiner_dir, params.spar.batch_size)
-    return get_verifier(j.verifier, generate_fn=_generator(backend, j, seed), votes=j.votes), backend, j.votes
+    kwargs, cost = _model_judge_args(params, backend, seed)
+    return get_verifier(j.verifier, **kwargs), backend, cost
 
 
 def run_init(params: Any, root: Path, key: str | None) -> None:
@@ -98,7 +123,7 @@ def run_refine(params: Any, root: Path, name: str) -> None:
     refiner = spar.model_dir(_prev(params, name), "refiner")
     judge, judge_backend, votes = _judge(params, root, refiner, params.seed + 1)
     backend = judge_backend or open_backend(params, root, refiner, s.batch_size)
-    generate = _generator(backend, t, params.seed + 2)
+    generate = _refiner(backend, t, params.seed + 2)
     records = spar.refine_trees(roots, generate, judge, tree, votes) if roots else []
     ok = [r for r in records if r["success"] is not None]
     stats = backend.stats
@@ -176,17 +201,18 @@ def run_eval(params: Any, root: Path, name: str) -> None:
     results = [r for r in read_jsonl(root / "data/eval" / f"spar-{name}" / "records.jsonl")
                if r["suite"] == "instruction_following"]
     refiner = open_backend(params, root, spar.model_dir(name, "refiner"), s.batch_size)
-    judge = get_verifier("model_judge", generate_fn=_generator(refiner, s.judge, params.seed + 3), votes=s.judge.votes)
+    kwargs, cost = _model_judge_args(params, refiner, params.seed + 3)
+    judge = get_verifier("model_judge", **kwargs)
     judged = [from_verdict(v) for v in judge.verify_batch(results)]
     acc = judge_accuracy([j.decision for j in judged], [r["strict"]["follow_all_instructions"] for r in results])
     metrics = {f"refiner_judge_{k}": v for k, v in acc.items()}
     if s.eval_search:
-        metrics |= _search_at_inference(params, results, judged, refiner, judge)
+        metrics |= _search_at_inference(params, results, judged, refiner, judge, cost)
     write_json(root / spar.data_dir(name) / "eval_metrics.json", metrics)
     mlflow.log_metrics(metrics)
 
 
-def _search_at_inference(params: Any, results: list[dict], judged: list, refiner: Any, judge: Any) -> dict:
+def _search_at_inference(params: Any, results: list[dict], judged: list, refiner: Any, judge: Any, cost: int) -> dict:
     """The paper's "+search": held-out responses the refiner judges as failing are refined by tree
     search (the refiner judging, never the rules); the best node's response replaces them."""
     from dataclasses import asdict
@@ -196,7 +222,7 @@ def _search_at_inference(params: Any, results: list[dict], judged: list, refiner
 
     s, t = params.spar, params.spar.tree
     roots = [{**r, "judge": asdict(j)} for r, j in zip(results, judged) if j.decision is False]
-    records = spar.refine_trees(roots, _generator(refiner, t, params.seed + 4), judge, _tree_params(t), s.judge.votes)
+    records = spar.refine_trees(roots, _refiner(refiner, t, params.seed + 4), judge, _tree_params(t), cost)
     improved = {r["row"]["key"]: max(r["nodes"], key=lambda n: (n["value"] or 0.0, -n["id"]))["response"]
                 for r in records}
     final = [verify_row({**r, "response": improved.get(r["key"], r["response"])}) for r in results]

@@ -161,17 +161,27 @@ def from_verdict(v: Verdict) -> JudgeResult:
     return JudgeResult(v.passed, float(v.passed), [v.passed], [], 0, "rules")
 
 
+# score_fn(list of judge chats) -> P(yes) per chat (label scoring; see closedloop.label_scoring).
+ScoreFn = Callable[[list[list[dict]]], list[float]]
+
+
 class _Judge(Verifier):
+    """generate_fn: k sampled judgments per sample, majority (`votes`); or score_fn: one
+    label-scored P(yes) per sample, decision P(yes) > 0.5 (a tie at exactly 0.5 is None)."""
+
     granularity = Granularity.TRAJECTORY
     form = Form.BINARY
     source = Source.MODEL
 
-    def __init__(self, generate_fn: GenerateFn, votes: int = 5) -> None:
-        if not callable(generate_fn):
+    def __init__(self, generate_fn: GenerateFn | None = None, votes: int = 5, score_fn: ScoreFn | None = None) -> None:
+        if (generate_fn is None) == (score_fn is None):
+            raise UserError(f"{self.name}: give exactly one of generate_fn (sampled votes) or score_fn (label scoring)")
+        if not callable(generate_fn or score_fn):
             raise UserError(f"{self.name}: generate_fn must be callable")
         if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
             raise UserError(f"{self.name}: votes must be a positive integer, got {votes!r}")
         self.generate_fn = generate_fn
+        self.score_fn = score_fn
         self.votes = votes
 
     def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
@@ -192,9 +202,14 @@ class ModelJudge(_Judge):
     name = "model_judge"
 
     def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
-        """One generate_fn call for all samples, `votes` judgments each."""
+        """One generate_fn call for all samples, `votes` judgments each (or one score_fn call)."""
         if not samples:
             return []
+        if self.score_fn is not None:
+            chats = [judge_messages(s["prompt"], s["response"]) for s in samples]
+            probs = self.score_fn(chats)
+            return [JudgeResult(True if p > 0.5 else False if p < 0.5 else None, float(p), [], [], 0, "model")
+                    for p in probs]
         outs = self.generate_fn([judge_messages(s["prompt"], s["response"]) for s in samples], self.votes)
         if len(outs) != len(samples) or any(len(o) != self.votes for o in outs):
             raise ValueError(f"generate_fn must return {self.votes} texts for each of {len(samples)} chats")
@@ -216,5 +231,6 @@ class HybridJudge(_Judge):
     def judge_batch(self, samples: Sequence[dict]) -> list[JudgeResult]:
         use_rules = [rule_checkable(s) for s in samples]
         to_model = [s for s, r in zip(samples, use_rules) if not r]
-        from_model = iter(ModelJudge(self.generate_fn, self.votes).judge_batch(to_model) if to_model else [])
+        model = ModelJudge(self.generate_fn, self.votes, self.score_fn)
+        from_model = iter(model.judge_batch(to_model) if to_model else [])
         return [rule_judgment(s) if r else next(from_model) for s, r in zip(samples, use_rules)]
