@@ -16,7 +16,7 @@ from closedloop.errors import UserError
 from closedloop.generate import (DEFAULT_BACKEND, HFBackend, SamplingParams, encode_prompt, make_backend,
                                  render_prompt)
 
-from tiny_model import make_tiny_model_and_tokenizer
+from tiny_model import bias_lm_head, make_tiny_model_and_tokenizer
 
 PROMPTS = [
     "the quick brown fox",
@@ -31,17 +31,6 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def tiny():
     return make_tiny_model_and_tokenizer()
-
-
-def _bias_lm_head(model, bias: dict[int, float]) -> None:
-    head = model.lm_head
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        new.bias.zero_()
-        for i, v in bias.items():
-            new.bias[i] = v
-    model.lm_head = new
 
 
 def _engine(model, tok, **kw) -> EngineBackend:
@@ -65,7 +54,7 @@ def test_refill_bookkeeping_on_mixed_lengths():
     for bias, params in ((0.15, SamplingParams(temperature=0.0, max_new_tokens=16)),
                          (1.0, SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=16, seed=4))):
         model, tok = make_tiny_model_and_tokenizer()
-        _bias_lm_head(model, {tok.eos_token_id: bias})
+        bias_lm_head(model, {tok.eos_token_id: bias})
         eng = _engine(model, tok, batch_size=2, refill_min=1)
         mixed = eng.generate(PROMPTS, params)
         flat = [c for cs in mixed for c in cs]
@@ -263,11 +252,11 @@ def test_model_and_tokenizer_left_untouched(tiny):
 
 def test_stop_token_and_length_finish(tiny):
     model, tok = make_tiny_model_and_tokenizer()
-    _bias_lm_head(model, {tok.convert_tokens_to_ids("<|im_end|>"): 1e4})
+    bias_lm_head(model, {tok.convert_tokens_to_ids("<|im_end|>"): 1e4})
     out = _engine(model, tok).generate(PROMPTS, SamplingParams(n=2, temperature=0.7, max_new_tokens=8))
     assert all(c.finish_reason == "stop" and c.num_tokens == 0 and c.text == "" for cs in out for c in cs)
     model, _ = make_tiny_model_and_tokenizer()
-    _bias_lm_head(model, {i: -1e4 for i in _engine(model, tok).stop_ids})
+    bias_lm_head(model, {i: -1e4 for i in _engine(model, tok).stop_ids})
     out = _engine(model, tok, batch_size=3).generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
     assert all(c.finish_reason == "length" and c.num_tokens == 5 for cs in out for c in cs)
 

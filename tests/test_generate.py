@@ -12,7 +12,7 @@ import torch
 from closedloop.errors import UserError
 from closedloop.generate import HFBackend, SamplingParams, make_backend, render_prompt, stop_token_ids
 
-from tiny_model import make_tiny_model_and_tokenizer
+from tiny_model import bias_lm_head, make_tiny_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_max_new_tokens_and_length_finish(tiny):
     model, tok = tiny
     # EOS suppressed via a large negative bias, so every sequence must run to the limit
     model2, _ = make_tiny_model_and_tokenizer()
-    _bias_lm_head(model2, {i: -1e4 for i in stop_token_ids(model2, tok)})
+    bias_lm_head(model2, {i: -1e4 for i in stop_token_ids(model2, tok)})
     out = HFBackend(model2, tok, batch_size=4, show_progress=False).generate(
         PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5)
     )
@@ -109,22 +109,11 @@ def test_max_new_tokens_and_length_finish(tiny):
             assert c.num_tokens == 5 and c.finish_reason == "length"
 
 
-def _bias_lm_head(model, bias: dict[int, float]) -> None:
-    head = model.lm_head
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        new.bias.zero_()
-        for i, v in bias.items():
-            new.bias[i] = v
-    model.lm_head = new
-
-
 @pytest.mark.parametrize("stop_token", ["<|endoftext|>", "<|im_end|>"])
 def test_stop_token_ends_generation(stop_token):
     model, tok = make_tiny_model_and_tokenizer()
     stop = tok.convert_tokens_to_ids(stop_token)
-    _bias_lm_head(model, {stop: 1e4})
+    bias_lm_head(model, {stop: 1e4})
     backend = HFBackend(model, tok, show_progress=False)
     assert stop in backend.stop_ids  # <|im_end|> comes from the chat template
     out = backend.generate(PROMPTS, SamplingParams(n=2, temperature=0.7, max_new_tokens=8))
@@ -136,7 +125,7 @@ def test_stop_midway_in_mixed_batch():
     # A moderate EOS bias makes sequences stop at different steps within one batch.
     model, tok = make_tiny_model_and_tokenizer()
     eos = tok.eos_token_id
-    _bias_lm_head(model, {eos: 1.0})
+    bias_lm_head(model, {eos: 1.0})
     out = HFBackend(model, tok, batch_size=16, show_progress=False).generate(
         PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3)
     )

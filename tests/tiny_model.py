@@ -66,3 +66,15 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def bias_lm_head(model, bias: dict[int, float]) -> None:
+    """Give the model's output layer a bias {token id: logit offset} (to force or forbid tokens in tests)."""
+    head = model.lm_head
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        new.bias.zero_()
+        for i, v in bias.items():
+            new.bias[i] = v
+    model.lm_head = new
