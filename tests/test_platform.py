@@ -177,3 +177,11 @@ def test_compare_table_rows_diffs_and_breakdown():
     assert "| tuned | 4 | 75.0 [" in table and "Δ +25.0 [" in table
     with pytest.raises(UserError, match="different examples"):
         compare_suite({"base": _records([1, 0]), "x": _records([1])}, ("acc",), "base", 10, 0)
+
+
+def test_secret_named_params_are_never_logged_but_token_counts_are():
+    from closedloop.tracking import flatten, is_secret
+
+    assert is_secret("hf_token") and is_secret("api_key") and is_secret("password") and is_secret("token")
+    assert not is_secret("max_new_tokens") and not is_secret("critique_tokens")
+    assert flatten({"a": {"hf_token": "x", "max_new_tokens": 3}}) == {"a.max_new_tokens": 3}

@@ -93,22 +93,27 @@ class ParamsView:
         raise AttributeError("params are read-only")
 
 
-def leaf_keys(params: Params, keys: set[str]) -> set[str]:
-    """Every leaf param under the given dotted keys (a section stands for all its fields)."""
-    tree = params.as_dict()
-    out: set[str] = set()
+def leaf_values(params: Params, keys: set[str]) -> dict[str, Any]:
+    """{dotted key: value} of every leaf param under the given dotted keys (a section stands for
+    all its fields)."""
+    out: dict[str, Any] = {}
 
     def walk(node: Any, key: str) -> None:
         if isinstance(node, dict) and node:
             for k, v in node.items():
                 walk(v, f"{key}.{k}")
         else:
-            out.add(key)
+            out[key] = node
 
-    for key in keys:
+    tree = params.as_dict()
+    for key in sorted(keys):
         node: Any = tree
         for part in key.split("."):
             node = node[part]
         walk(node, key)
     return out
 
+
+def leaf_keys(params: Params, keys: set[str]) -> set[str]:
+    """Every leaf param under the given dotted keys."""
+    return set(leaf_values(params, keys))

@@ -64,13 +64,19 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def is_secret(name: str) -> bool:
+    """A key named like a credential: `token`, `hf_token`, `api_key`, ... but not `max_new_tokens`."""
+    name = name.lower()
+    return any(name == h or name.endswith("_" + h) or name.startswith(h + "_") for h in _SECRET_HINTS)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(flatten(v, key + "."))
-        elif not any(h in k.lower() for h in _SECRET_HINTS):
+        elif not is_secret(k):
             out[key] = v
     return out
 
@@ -84,18 +90,6 @@ def lineage_tags(root: Path, stage: str | None, base_model: str) -> dict[str, st
     return tags
 
 
-def declared_values(params, declared: set[str]) -> dict[str, Any]:
-    """{dotted key: value} of every leaf under the declared keys (what the stage may read)."""
-    tree = params.as_dict()
-    out: dict[str, Any] = {}
-    for key in sorted(declared):
-        node: Any = tree
-        for part in key.split("."):
-            node = node[part]
-        out |= flatten({key: node}) if isinstance(node, Mapping) else {key: node}
-    return out
-
-
 @contextlib.contextmanager
 def stage_run(root: Path, params, stage: str, declared: set[str], reads: set[str]) -> Iterator[Any]:
     """Open the MLflow run for one stage: nested under $CLOSEDLOOP_PARENT_RUN_ID when set. Logs the
@@ -103,14 +97,13 @@ def stage_run(root: Path, params, stage: str, declared: set[str], reads: set[str
     import mlflow
 
     from closedloop.models import model_id
-    from closedloop.stage_params import leaf_keys
+    from closedloop.stage_params import leaf_keys, leaf_values
 
     setup(root, params.tracking.tracking_uri, params.tracking.experiment)
     parent = os.environ.get(PARENT_RUN_ENV) or None
     tags = lineage_tags(root, stage, model_id(root / params.model.base)) | {TAG_KIND: "stage"}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
-        flat = {k: v for k, v in declared_values(params, declared).items()
-                if not any(h in k.lower() for h in _SECRET_HINTS)}
+        flat = {k: v for k, v in leaf_values(params, declared).items() if not is_secret(k.rsplit(".", 1)[-1])}
         if flat:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in flat.items()})
         yield run
