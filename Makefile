@@ -46,7 +46,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_prefix_reuse.py
 	$(BIN)/python bench/bench_noop.py
 
+# MLflow 3.17 opens experiments on its GenAI pages; ?workflowType=machine_learning opens the runs table.
 mlflow-ui: $(STAMP)
+	@echo "open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (the closedloop experiment's runs)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # A local Prefect server (UI + API) for served/scheduled flows (flows/serve.py): make server [PREFECT_PORT=4200].

@@ -25,14 +25,54 @@ if _bin not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 
-def check_params_or_exit(argv: list[str]) -> None:
-    """Validate params.yaml before prefect is imported (importing it creates PREFECT_HOME):
-    a bad value stops the run with one line and exit code 2, having written nothing."""
+def check_inputs_or_exit(argv: list[str]) -> None:
+    """Validate params.yaml, dvc.yaml and any `--target` before prefect is imported (importing it
+    creates PREFECT_HOME, and its start-up takes seconds): bad input stops the run with one line and
+    exit code 2, having written nothing."""
     from closedloop.config import load_params
     from closedloop.errors import UserError
 
+    targets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--target"]
+    targets += [a.split("=", 1)[1] for a in argv if a.startswith("--target=")]
     try:
         load_params(ROOT / "params.yaml")
+        from stage_graph import resolve_targets, stage_graph
+
+        graph, methods, _ = stage_graph(ROOT, with_status=False)
+        resolve_targets(graph, methods, targets)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def prepare_temporary_server() -> None:
+    """Before a flow starts Prefect's temporary server (no PREFECT_API_URL): stop the servers that
+    killed flows left running on this PREFECT_HOME, and migrate a new database under a lock. Two
+    flows started at once on a fresh home would otherwise both migrate it, and one would fail."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import subprocess
+
+    import psutil
+    from filelock import FileLock
+
+    home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        try:
+            if "prefect.server.api.server:create_app" not in " ".join(proc.info["cmdline"] or []):
+                continue
+            env = proc.environ()
+            orphaned = proc.info["ppid"] == 1 or not psutil.pid_exists(proc.info["ppid"])
+            if orphaned and env.get("PREFECT__SERVER_EPHEMERAL") == "1" and env.get("PREFECT_HOME") == str(home):
+                proc.terminate()
+        except psutil.Error:
+            continue
+    import prefect
+
+    marker = home / f".closedloop-migrated-{prefect.__version__}"
+    with FileLock(str(home / ".closedloop-migrate.lock")):
+        if not (marker.exists() and (home / "prefect.db").exists()):
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                           check=True, stdout=subprocess.DEVNULL)
+            marker.touch()

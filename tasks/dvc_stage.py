@@ -1,8 +1,9 @@
 """One DVC stage as one Prefect task: `dvc --wait-for-lock repro -s STAGE`.
 
 Prefect caching is off: DVC decides what is up to date. Transient failures (the process was
-killed, a lock could not be had) are retried; a stage that failed on bad input (closedloop
-exits 2 with one clear error) is not, because running it again cannot help.
+killed, a lock could not be had) are retried; a stage that failed deterministically (a
+traceback, or bad input: closedloop exits 2 with one clear error) is not, because running it
+again cannot help.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 USER_ERROR_EXIT = 2
+# `--wait-for-lock` waits for DVC's repository lock, but not for its per-path read/write locks:
+# a stage whose outputs another DVC process is reading (another flow, a `dvc repro`) fails at once
+# with "... is busy". It is waited out here, polling, for at most this long.
+RWLOCK_WAIT_SECONDS = 6 * 3600
+RWLOCK_POLL_SECONDS = 5
 
 
 class StageFailed(RuntimeError):
@@ -25,10 +32,14 @@ class StageFailed(RuntimeError):
 
 
 def _is_transient(output: str) -> bool:
+    """Retried: the command was killed by a signal (DVC reports a negative exit, or 128+N from
+    a shell), or DVC's lock was busy. A traceback (exit 1) or bad input (exit 2) fails the same
+    way every time, so it is not retried."""
     m = re.search(r"exited with (-?\d+)", output)
     if m:
-        return int(m.group(1)) != USER_ERROR_EXIT
-    return "lock" in output.lower() or "killed" in output.lower()
+        code = int(m.group(1))
+        return code < 0 or code in (128 + 9, 128 + 15)
+    return "is busy" in output or "LockError" in output
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -53,9 +64,15 @@ def run_stage(stage: str, root: str, env: dict[str, str], known_clean: bool = Fa
     if known_clean:
         logger.info("stage %s: up to date (dvc status), skipped", stage)
         return {"stage": stage, "ran": False}
-    proc = subprocess.run(["dvc", "--wait-for-lock", "repro", "-s", stage], cwd=root,
-                          env={**os.environ, **env}, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
+    deadline = time.monotonic() + RWLOCK_WAIT_SECONDS
+    while True:
+        proc = subprocess.run(["dvc", "--wait-for-lock", "repro", "-s", stage], cwd=root,
+                              env={**os.environ, **env}, capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "is busy, it is being blocked by" not in output or time.monotonic() > deadline:
+            break
+        logger.info("stage %s: its files are in use by another DVC process; waiting", stage)
+        time.sleep(RWLOCK_POLL_SECONDS)
     if proc.returncode != 0:
         raise StageFailed(stage, proc.returncode, output, _is_transient(output))
     ran = stage_ran(stage, output)

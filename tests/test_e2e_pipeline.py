@@ -3,15 +3,21 @@ temporary git repo copied from the project, tracked in a real MLflow SQLite stor
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from conftest import IFEVAL, TINY_PARAMS, copy_project, project_env, set_params
+from closedloop.tracking import experiment_url
+from conftest import IFEVAL, TINY_PARAMS, VENV_BIN, copy_project, project_env, set_params
+from servers import free_port, start, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -56,8 +62,6 @@ def dvc(root, env, *args) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir, prefect_home):
-    import shutil
-
     tmp = tmp_path_factory.mktemp("e2e")
     root = copy_project(tmp / "project")
     # user files named by params, copied so the test can edit them: the model and the held-out prompts
@@ -170,8 +174,6 @@ def test_target_runs_only_its_ancestry(project):
 
 
 def changed_stages(root, env) -> set[str]:
-    import json
-
     return set(json.loads(dvc(root, env, "status", "--json")))
 
 
@@ -209,3 +211,70 @@ def test_a_forced_rerun_of_training_gives_the_same_bytes(project):
     root, env, _ = project
     dvc(root, env, "repro", "-f", "-s", "rft_train")
     assert changed_stages(root, env) == set()
+
+
+def test_dvc_push_and_pull_move_a_reproduction_to_another_clone(project, tmp_path):
+    """dvc.lock (committed) says what a reproduction produced; the remote carries it. The default
+    remote is overridden per clone with `dvc remote modify --local`."""
+    root, env, _ = project
+    remote = tmp_path / "remote"
+    dvc(root, env, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(root, env, "push")
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", str(root), str(other)], check=True)
+    for name in ("params.yaml", "dvc.lock"):  # what a commit of this reproduction would hold
+        shutil.copy(root / name, other / name)
+    dvc(other, env, "remote", "modify", "--local", "local", "url", str(remote))
+    assert changed_stages(other, env)  # nothing there yet
+    dvc(other, env, "pull")
+    assert changed_stages(other, env) == set()  # every output, metrics included, and no recompute
+    for rel in ("models/rft/model.safetensors", "data/compare/metrics.json", "data/eval/rft/metrics.json"):
+        assert (other / rel).read_bytes() == (root / rel).read_bytes(), rel
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+# Headless, and nothing that reaches out of the machine (its connections are refused here).
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=20000", "--window-size=1500,900"]
+
+
+def render(url: str, profile: Path, screenshot: Path) -> str:
+    """The page's DOM after Chromium has run its scripts, and a screenshot of it."""
+    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    shot = subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=120)
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    return dom.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (.ci/run installs Debian's "
+                                             "chromium when it can; apt-get install chromium)")
+def test_the_mlflow_ui_opens_on_the_runs_and_compares_the_evaluations(project, tmp_path):
+    root, env, first = project
+    port = free_port()
+    ui = start([str(Path(VENV_BIN) / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], root, env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for("the MLflow UI", lambda: urllib.request.urlopen(base + "/health", timeout=5).status == 200, 180, [ui])
+        exp = mlflow.get_experiment_by_name("closedloop")
+        url = experiment_url(base, exp.experiment_id)
+        assert url in first.stdout  # the flow prints the page to open
+        runs_page = render(url, tmp_path / "profile", tmp_path / "runs.png")
+        assert "Run Name" in runs_page and "matching runs" in runs_page  # the runs table, not GenAI's Overview
+        assert "No data available" not in runs_page
+        assert "pipeline" in runs_page  # each flow run's parent; its stages are nested under it
+
+        parents, children = pipeline_runs(root)
+        evals = [r for r in children[parents[0].info.run_id] if r.info.run_name.startswith("eval@")]
+        assert {r.info.run_name for r in evals} == {"eval@base", "eval@rft", "eval@spar-it1"}
+        ids = urllib.parse.quote(json.dumps([r.info.run_id for r in evals]))
+        compare = f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}"
+        compare_page = render(compare, tmp_path / "profile", tmp_path / "compare.png")
+        for r in evals:
+            assert r.info.run_name in compare_page
+        assert "prompt_level_strict" in compare_page  # the metrics the runs are compared on
+    finally:
+        stop(ui)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from closedloop.errors import UserError
-from closedloop.io import atomic_dir, read_jsonl, write_jsonl
+from closedloop.io import atomic_dir, read_jsonl, write_jsonl, write_text
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
@@ -53,3 +56,19 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     path.write_text('{"a": 1}\n\n[1, 2]\n')
     with pytest.raises(UserError, match=r"in.jsonl:3: expected a JSON object, got list"):
         read_jsonl(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_outputs_get_the_permissions_a_plain_write_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "out.txt", "x")
+        with atomic_dir(tmp_path / "model") as d:
+            (d / "w").write_text("y")
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "out.txt") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "model") == mode(tmp_path / "plain_dir") == 0o777 & ~umask

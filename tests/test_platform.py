@@ -18,7 +18,7 @@ from closedloop.stages import get_stage, registry
 from conftest import PROJECT
 
 sys.path.insert(0, str(PROJECT / "flows"))
-from pipeline import execution_order, resolve_targets, stage_graph  # noqa: E402
+from stage_graph import execution_order, resolve_targets, stage_graph  # noqa: E402
 
 
 @pytest.fixture(scope="module")

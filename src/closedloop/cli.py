@@ -41,6 +41,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     src = Path(args.input)
     out = Path(args.output) if args.output else src.with_name(src.stem + ".verified.jsonl")
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; -o expects a file path")
     if out.exists() and not args.force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it or -o to choose another path")
     summary = verify_jsonl(src, out)

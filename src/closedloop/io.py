@@ -33,10 +33,17 @@ def remove_stale_tmp(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(path: Path, suffix: str = "") -> Path:
     remove_stale_tmp(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; the output gets what a plain write would
     return Path(name)
 
 
@@ -61,6 +68,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the directory gets what a plain mkdir would
     try:
         yield tmp
         if not is_main_process():
@@ -101,9 +109,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line; a malformed line raises UserError naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        raise UserError(f"{path}: " + ("expected a JSONL file, got a directory" if path.is_dir() else "file not found"))
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: expected UTF-8 text, got a byte 0x{raw[e.start]:02x} "
+                                "(binary, or another encoding such as UTF-16?)") from None
             if not line.strip():
                 continue
             try:

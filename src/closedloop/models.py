@@ -76,12 +76,14 @@ def model_id(base: Path) -> str:
 
 def check_causal_lm_config(config, source: str) -> None:
     archs = getattr(config, "architectures", None) or []
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     # The checkpoint's own architectures decide when present (a BERT config maps to a causal LM
-    # class too, but a BertForMaskedLM checkpoint is not one); otherwise the config type.
+    # class too, but a BertForMaskedLM checkpoint is not one). Without them, the config type must be
+    # a causal LM's and not an encoder family's (those also have a masked-LM class).
     causal = (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs
-              else type(config) in AutoModelForCausalLM._model_mapping)
+              else type(config) in AutoModelForCausalLM._model_mapping
+              and type(config) not in AutoModelForMaskedLM._model_mapping)
     if not causal:
         raise UserError(
             f"model.base: {source} is not a causal language model "
@@ -137,10 +139,16 @@ def materialise_base(base: str | Path, out_dir: Path, *, trust_remote_code: bool
         raise UserError(f"model.base: {str(base)!r} {what} (expected a local checkpoint directory or a model "
                         "pointer file; see data/seeds/embedded-model.json)")
     if not (path.is_file() and read_pointer(path)["kind"] == "gguf"):
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a broken config's warnings would bury the one-line error below
         try:
             config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise UserError(f"model.base: cannot load config from {source!r}: {str(e).splitlines()[0]}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
         check_causal_lm_config(config, source)
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32,

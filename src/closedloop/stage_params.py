@@ -23,15 +23,21 @@ class UndeclaredParam(RuntimeError):
 def declared_params(root: Path, stage: str) -> set[str]:
     """The dotted param keys the stage declares in dvc.yaml, from DVC's own parse (foreach expanded)."""
     from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
-        (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
-        keys: set[str] = set()
-        for dep in resolved.deps:
-            if isinstance(dep, ParamsDependency):
-                keys.update(dep.params or [])
+    from closedloop.errors import dvc_error
+
+    try:
+        with Repo(str(root)) as repo:
+            # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
+            (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
+    except DvcException as e:
+        raise dvc_error(e) from None
+    keys: set[str] = set()
+    for dep in resolved.deps:
+        if isinstance(dep, ParamsDependency):
+            keys.update(dep.params or [])
     return keys
 
 

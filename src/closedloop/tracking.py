@@ -2,7 +2,7 @@
 lineage tags that lead from a run back to the exact `dvc repro` that made it.
 
 Tags set here: closedloop.git_commit, closedloop.dvc_stage, closedloop.prefect_flow_run_id,
-closedloop.base_model. The DVC lock hash (closedloop.dvc_lock_md5) is known only once DVC has
+closedloop.base_model, closedloop.dvc_exp (under `dvc exp run`). The DVC lock hash (closedloop.dvc_lock_md5) is known only once DVC has
 written dvc.lock after the stage, so the orchestrator adds it (see `tag_lock_hash`).
 """
 
@@ -27,30 +27,100 @@ TAG_FLOW_RUN = "closedloop.prefect_flow_run_id"
 TAG_BASE_MODEL = "closedloop.base_model"
 TAG_KIND = "closedloop.run_kind"  # "pipeline" or "stage"
 TAG_PARAMS_READ = "closedloop.params_read"  # the param keys the stage's code read (tests compare with dvc.yaml)
+TAG_PROCESS = "closedloop.process"  # host:pid:start time of the process that opened the run
+TAG_DVC_EXP = "closedloop.dvc_exp"  # the `dvc exp run` experiment a stage ran in: filter a sweep in the UI
+# MLflow 3's UI opens an experiment on the page its kind names; without the tag it guesses GenAI
+# ("Overview", empty here). Model training shows the runs table first.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # Never logged, whatever section they appear in.
 _SECRET_HINTS = ("token", "password", "secret", "api_key", "apikey", "credential")
 
 
+def store_root(root: Path) -> Path:
+    """Where the project's MLflow store lives. `dvc exp run --queue` runs stages in a temporary
+    copy of the workspace and sets DVC_ROOT to the project it came from: a sweep's runs belong in
+    the project's store, not in a copy that is deleted afterwards."""
+    return Path(os.environ.get("DVC_ROOT") or root)
+
+
 def default_tracking_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(store_root(root) / 'mlflow.db').resolve()}"
 
 
 def setup(root: Path, tracking_uri: str | None, experiment: str) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    """Point MLflow at the project's store and experiment (created as a model-training
+    experiment); returns the experiment id. Serialised by a file lock: two processes creating a
+    fresh SQLite store at once race on its schema ("table ... already exists")."""
     import mlflow
+    from filelock import FileLock
 
+    home = store_root(root)
     uri = tracking_uri or default_tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        # Artifacts live beside the database, inside the project, with an absolute location.
-        artifacts = (root / "mlartifacts").resolve().as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
-    else:
-        exp_id = exp.experiment_id
+    with FileLock(str(home / ".mlflow.lock")):
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            # Artifacts live beside the database, inside the project, with an absolute location.
+            artifacts = (home / "mlartifacts").resolve().as_uri()
+            exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        else:
+            exp_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # an older store; a kind the user chose is kept
+                mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
+    end_runs_of_dead_processes(exp_id)
     return exp_id
+
+
+def this_process() -> str:
+    import socket
+
+    import psutil
+
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{psutil.Process(pid).create_time():.3f}"
+
+
+def _is_alive(process: str) -> bool:
+    """Whether the process a TAG_PROCESS value names still runs (a reused pid has another start
+    time). A run opened on another host is assumed alive: there is no way to tell from here."""
+    import socket
+
+    import psutil
+
+    host, _, rest = process.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+    except psutil.Error:
+        return False
+
+
+def end_runs_of_dead_processes(exp_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process that no longer exists (a flow or stage
+    killed with SIGKILL cannot end its own run). Runs on every setup, so the next flow or stage
+    to start cleans up. Returns the run ids it ended."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ended = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        process = run.data.tags.get(TAG_PROCESS)
+        if process and not _is_alive(process):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI. `workflowType=machine_learning` is what makes
+    MLflow 3.17 open it (its GenAI/Model training switch otherwise starts on GenAI's Overview)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def git_commit(root: Path) -> str:
@@ -82,11 +152,13 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def lineage_tags(root: Path, stage: str | None, base_model: str) -> dict[str, str]:
-    tags = {TAG_COMMIT: git_commit(root), TAG_BASE_MODEL: base_model}
+    tags = {TAG_COMMIT: git_commit(root), TAG_BASE_MODEL: base_model, TAG_PROCESS: this_process()}
     if stage:
         tags[TAG_STAGE] = stage
     if os.environ.get(FLOW_RUN_ENV):
         tags[TAG_FLOW_RUN] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get("DVC_EXP_NAME"):  # set by DVC for each `dvc exp run` experiment
+        tags[TAG_DVC_EXP] = os.environ["DVC_EXP_NAME"]
     return tags
 
 

@@ -148,13 +148,24 @@ class InstructionFollowing:
     metrics = METRICS
     breakdown_label = "instruction id"
 
+    def check(self, params: Any, root: Path) -> None:
+        self._rows(params, root)
+
+    def _rows(self, params: Any, root: Path) -> list[dict]:
+        from closedloop.suite import load_eval_rows
+
+        e = params.evaluate
+        try:
+            return load_eval_rows(root / e.prompts, e.limit, params.seed)
+        except UserError as err:
+            raise UserError(f"evaluate.prompts: {err}") from None
+
     def run(self, params: Any, root: Path, backend: Any) -> list[dict]:
         from closedloop.generate import SamplingParams
-        from closedloop.suite import load_eval_rows
         from closedloop.verifiers.ifeval_rules import verify_row
 
         e = params.evaluate
-        rows = load_eval_rows(root / e.prompts, e.limit, params.seed)
+        rows = self._rows(params, root)
         sp = SamplingParams(n=1, temperature=e.temperature, top_p=1.0, max_new_tokens=e.max_new_tokens,
                             seed=params.seed)
         outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in rows], sp)

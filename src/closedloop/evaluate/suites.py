@@ -23,6 +23,11 @@ class Suite(Protocol):
     metrics: tuple[str, ...]  # the headline metrics, in table order
     breakdown_label: str  # what a breakdown group is, for the report ("instruction id")
 
+    def check(self, params: Any, root: Path) -> None:
+        """Read and validate the suite's inputs, before the model loads: bad input fails in one
+        line, naming the param and file, without paying for a model load first."""
+        ...
+
     def run(self, params: Any, root: Path, backend: Any) -> list[dict]:
         """Score the model behind `backend` on the suite's examples; one record per example."""
         ...
@@ -36,11 +41,15 @@ def register_suite(suite: Suite) -> Suite:
     return suite
 
 
-def get_suite(name: str) -> Suite:
+def suite_names() -> list[str]:
     import closedloop.evaluate as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):  # suites register on import
         importlib.import_module(f"closedloop.evaluate.{mod.name}")
-    if name not in _SUITES:
+    return sorted(_SUITES)
+
+
+def get_suite(name: str) -> Suite:
+    if name not in suite_names():
         raise UserError(f"evaluate.suites: unknown suite {name!r} (known: {', '.join(sorted(_SUITES))})")
     return _SUITES[name]

@@ -47,6 +47,7 @@ def trainer_args(out_dir: Path, p: Any, *, seed: int, dtype: str) -> dict:
         learning_rate=p.learning_rate,
         max_length=p.max_length,
         warmup_steps=p.warmup_steps,
+        gradient_checkpointing=p.gradient_checkpointing,
         logging_steps=1,
         save_strategy="no",
         report_to="none",

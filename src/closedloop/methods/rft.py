@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from closedloop.config import SFTParams, bounds
+from closedloop.config import SFTParams, bounds, check_verifier_name
 
 
 @dataclass
@@ -24,16 +24,19 @@ class RFTConfig:
     num_samples: int = field(default=4, metadata=bounds(ge=1, le=1024))
     temperature: float = field(default=0.9, metadata=bounds(ge=0.0, le=10.0))
     top_p: float = field(default=0.95, metadata=bounds(gt=0.0, le=1.0))
-    max_new_tokens: int = field(default=160, metadata=bounds(ge=1, le=100_000))
-    batch_size: int = field(default=32, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
+    max_new_tokens: int = field(default=128, metadata=bounds(ge=1, le=100_000))
+    batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
     # verify: a registered verifier by name, built with verifier_args (ifeval_rules: mode strict |
     # loose); a sample is kept when its verdict's score (in [0, 1]) is >= threshold
     verifier: str = "ifeval_rules"
     verifier_args: dict[str, str | int | float | bool] = field(default_factory=lambda: {"mode": "strict"})
     threshold: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
-    max_per_prompt: int = field(default=2, metadata=bounds(ge=1, le=1024))
+    max_per_prompt: int = field(default=4, metadata=bounds(ge=1, le=1024))
     # feedback: SFT on the kept samples
-    sft: SFTParams = field(default_factory=SFTParams)
+    sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=6e-4))
+
+    def __post_init__(self) -> None:
+        check_verifier_name(self.verifier)
 
 
 CONFIG = RFTConfig

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from closedloop.config import DPOParams, FieldError, SFTParams, bounds
+from closedloop.config import DPOParams, FieldError, SFTParams, bounds, check_verifier_name
 from closedloop.methods.spar_data import best_worst_pairs, dpo_pairs, refine_messages_for, refiner_rft_set
 from closedloop.search.tree import TreeParams, tree_search_many
 from closedloop.verifiers.ifeval_rules import check
@@ -46,7 +46,10 @@ class SparJudgeConfig:
     max_new_tokens: int = field(default=96, metadata=bounds(ge=1, le=100_000))
     # votes: k sampled judgments, majority (the paper); labels: one forward pass, value = P(" yes")
     # after the judge prompt and a prefilled "Verdict:" (label scoring: never unparseable)
-    scoring: Literal["votes", "labels"] = "votes"
+    scoring: Literal["votes", "labels"] = "labels"
+
+    def __post_init__(self) -> None:
+        check_verifier_name(self.verifier)
 
 
 @dataclass
@@ -56,10 +59,10 @@ class SparTreeConfig:
     branches: int = field(default=2, metadata=bounds(ge=1, le=64))  # nodes expanded per level (paper: 2)
     max_depth: int = field(default=3, metadata=bounds(ge=1, le=64))  # paper: 3
     gate: float = field(default=0.5, metadata=bounds(ge=0.0, le=0.99))  # success: value > gate (paper: 0.5)
-    budget: int = field(default=30, metadata=bounds(ge=1, le=100_000))  # refine generations + judge votes per tree
+    budget: int = field(default=20, metadata=bounds(ge=1, le=100_000))  # refine generations + judge votes per tree
     temperature: float = field(default=0.9, metadata=bounds(gt=0.0, le=10.0))
     top_p: float = field(default=0.9, metadata=bounds(gt=0.0, le=1.0))
-    max_new_tokens: int = field(default=160, metadata=bounds(ge=1, le=100_000))
+    max_new_tokens: int = field(default=128, metadata=bounds(ge=1, le=100_000))
     roots_per_prompt: int = field(default=1, metadata=bounds(ge=1, le=1024))  # failing responses refined per prompt
     # The refiner answers through a scaffold: "Critique:" (critique_tokens) then "Refined response:"
     # (max_new_tokens) are written by us, so the format holds whatever the model writes.
@@ -76,7 +79,7 @@ class SparConfig:
     # the iteration as a row of the comparison report.
     iterations: dict[str, str] = field(default_factory=lambda: {"it1": "init"})
     ablation: Literal["none", "no_tree", "no_refine"] = "none"  # no_tree: one refinement; no_refine: best vs worst sample
-    batch_size: int = field(default=32, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
+    batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
     sample: SparSampleConfig = field(default_factory=SparSampleConfig)
     judge: SparJudgeConfig = field(default_factory=SparJudgeConfig)
     tree: SparTreeConfig = field(default_factory=SparTreeConfig)

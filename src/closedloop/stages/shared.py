@@ -55,11 +55,16 @@ def run_eval(params: Any, root: Path, name: str | None) -> None:
     from closedloop.evaluate.suites import get_suite
 
     e = params.evaluate
+    if not (root / e.models[name] / "config.json").is_file():
+        raise UserError(f"evaluate.models.{name}: {root / e.models[name]}: no model checkpoint here "
+                        "(run the stage that makes it first)")
+    suites = {suite_name: get_suite(suite_name) for suite_name in e.suites}
+    for suite in suites.values():
+        suite.check(params, root)  # inputs first: bad input fails before the model loads
     backend = open_backend(params, root, e.models[name], e.batch_size)
     out = root / EVAL_DIR / name
     records, metrics = [], {}
-    for suite_name in e.suites:
-        suite = get_suite(suite_name)
+    for suite_name, suite in suites.items():
         rows = suite.run(params, root, backend)
         records += rows
         for m in suite.metrics:
@@ -88,7 +93,7 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
     if missing:
         raise UserError(f"compare: no evaluation for {', '.join(missing)} in {EVAL_DIR}/ (run eval@{missing[0]} first)")
     records = {n: read_jsonl(root / EVAL_DIR / n / "records.jsonl") for n in names}
-    sections, results, rows = [], {}, []
+    sections, results, rows, deltas = [], {}, [], {}
     for suite_name in e.suites:
         suite = get_suite(suite_name)
         by_model = {n: [r for r in recs if r["suite"] == suite_name] for n, recs in records.items()}
@@ -98,6 +103,9 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
         rows += compare.plot_rows(suite_name, result)
         compare.plot(suite_name, result, root / COMPARE_DIR / f"{suite_name}.png")
         for n, entry in result["models"].items():
+            deltas.setdefault(suite_name, {})[n] = {
+                m: {"value": entry["metrics"][m]["value"], "diff": d["value"], "diff_ci_low": d["ci_low"],
+                    "diff_ci_high": d["ci_high"]} for m, d in entry["diff"].items()}
             for m, d in entry["diff"].items():
                 mlflow.log_metrics({f"{n}/{m}": entry["metrics"][m]["value"], f"{n}/{m}_diff": d["value"],
                                     f"{n}/{m}_diff_ci_low": d["ci_low"], f"{n}/{m}_diff_ci_high": d["ci_high"]})
@@ -106,6 +114,8 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
     write_text(root / COMPARE_DIR / "report.md", report)
     write_json(root / COMPARE_DIR / "report.json", results)
     write_json(root / COMPARE_DIR / "plot.json", rows)
+    # The paired differences as DVC metrics: `dvc exp show` puts each sweep point's gain beside its params.
+    write_json(root / COMPARE_DIR / "metrics.json", deltas)
     mlflow.log_artifact(str(root / COMPARE_DIR / "report.md"))
     print(report)
 

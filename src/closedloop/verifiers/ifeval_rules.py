@@ -346,6 +346,8 @@ def verify_jsonl(in_path: str | Path, out_path: str | Path | None = None) -> dic
     in_path = Path(in_path)
     out_path = Path(out_path) if out_path is not None else in_path.with_suffix(".verified.jsonl")
     numbered = list(iter_jsonl(in_path))
+    if not numbered:
+        raise UserError(f"{in_path}: no rows (expected one JSON object per line)")
     linenos, rows = [n for n, _ in numbered], [r for _, r in numbered]
     prepared = []
     for lineno, row in zip(linenos, rows):

@@ -1,0 +1,82 @@
+"""The stage graph and what a `--target` stands for, from dvc.yaml through DVC's own API (no
+Prefect here: the flow checks targets with it before Prefect starts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from closedloop.errors import UserError, dvc_error
+
+
+def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[str]], dict[str, str], set[str]]:
+    """({stage: [upstream stages]} in dvc.yaml order, {stage: its meta.method}, stages DVC reports
+    as changed now (empty without `with_status`)), all from DVC's own API in one pass over the index.
+    A dvc.yaml DVC cannot read raises UserError."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    # Wait for DVC's lock, as the stage tasks do (`dvc --wait-for-lock`): a flow started while
+    # another flow or a `dvc repro` holds it queues behind it instead of crashing.
+    try:
+        with Repo(str(root), _wait_for_lock=True) as repo:
+            graph = repo.index.graph  # edges point from a stage to the stages it depends on
+            stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+            upstream = {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage))
+                        for s in stages}
+            methods = {s.name: (s.meta or {}).get("method", "shared") for s in stages}
+            stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
+    except DvcException as e:
+        raise dvc_error(e) from None
+    return upstream, methods, stale
+
+
+def _ancestry(graph: dict[str, list[str]], stages: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(stages)
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo.extend(graph[s])
+    return seen
+
+
+def resolve_targets(graph: dict[str, list[str]], methods: dict[str, str], targets: list[str],
+                    stale: set[str] = frozenset()) -> set[str]:
+    """The stages the targets stand for (before adding their ancestry).
+
+    A target is a stage name (`eval@rft`), a foreach group (`eval` = every eval@*), or a method
+    name from dvc.yaml's `meta.method`: its own stages plus the shared stages downstream of them
+    (its evaluation, the comparison) whose other inputs are up to date, so `--target rft` never
+    runs another method's stages."""
+    selected: set[str] = set()
+    for t in targets:
+        named = {s for s in graph if s == t or s.partition("@")[0] == t}
+        own = {s for s in graph if methods[s] == t}
+        if not named and not own:
+            raise UserError(f"dvc.yaml: no stage or method named {t!r} (methods: "
+                            f"{', '.join(sorted(set(methods.values())))}; stages: {', '.join(graph)})")
+        selected |= named | own
+        if own:
+            for s in graph:
+                if methods[s] != "shared" or s in selected:
+                    continue
+                ancestry = _ancestry(graph, {s}) - {s}
+                if ancestry & own and all(methods[a] in ("shared", t) or a not in stale for a in ancestry):
+                    selected.add(s)
+    return selected
+
+
+def execution_order(graph: dict[str, list[str]], methods: dict[str, str] | None = None,
+                    targets: list[str] | None = None, stale: set[str] = frozenset()) -> list[str]:
+    """Topological order (dvc.yaml order among ready stages), restricted to the targets' ancestry."""
+    methods = methods or {s: "shared" for s in graph}
+    wanted = _ancestry(graph, resolve_targets(graph, methods, targets, stale)) if targets else set(graph)
+    order: list[str] = []
+    while len(order) < len(wanted):
+        ready = [s for s in graph if s in wanted and s not in order and all(u in order for u in graph[s])]
+        if not ready:
+            raise UserError("dvc.yaml: the stage graph has a cycle")
+        order.append(ready[0])
+    return order

@@ -1,0 +1,226 @@
+"""Bad input, table-driven, through the commands a user runs: params.yaml (`closedloop params`),
+dvc.yaml edits (`closedloop stage`, the flow), model paths (`closedloop stage base`/`eval@...`),
+`closedloop verify` inputs and held-out prompt files. Each must exit 2 with one line naming the
+file and the key or line, and leave the project as it was (a failed stage's MLflow run is kept,
+marked FAILED: that is the record of the attempt, not an output)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import TINY_PARAMS, copy_project, project_env, set_params
+
+TRACKING = {"mlflow.db", ".mlflow.lock", "mlartifacts"}  # the store records failed attempts
+
+
+@dataclass
+class Case:
+    id: str
+    command: list[str]
+    expect: list[str]  # substrings of the one error line: the file, then the key or line
+    params: dict | None = None  # merged into params.yaml (paths: {tmp} is the case's scratch dir)
+    files: dict[str, bytes | str] = field(default_factory=dict)  # scratch files: name -> content
+    edit: Callable[[Path, Path], None] | None = None  # (root, scratch) -> None, for anything else
+
+
+def raw_params(text: str) -> Callable[[Path, Path], None]:
+    return lambda root, tmp: (root / "params.yaml").write_text(text)
+
+
+def edit_dvc_yaml(fn: Callable[[dict], None]) -> Callable[[Path, Path], None]:
+    def edit(root: Path, tmp: Path) -> None:
+        data = yaml.safe_load((root / "dvc.yaml").read_text())
+        fn(data)
+        (root / "dvc.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return edit
+
+
+def model_dir(kind: str) -> Callable[[Path, Path], None]:
+    """A model directory in the scratch dir that is not a usable causal LM checkpoint."""
+    def make(root: Path, tmp: Path) -> None:
+        d = tmp / "model"
+        d.mkdir()
+        if kind == "empty":
+            return
+        if kind == "bert":
+            (d / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 0}))
+            (d / "model.safetensors").write_bytes(b"")
+            return
+        shutil.copy(root / "models/base/config.json", d / "config.json")
+        if kind == "bin":
+            (d / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    return make
+
+
+IFEVAL_ROW = {"key": 1, "prompt": "Write in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+              "kwargs": [{}], "response": "hello"}
+ROW = json.dumps(IFEVAL_ROW)
+PROMPT_ROW = json.dumps({k: v for k, v in IFEVAL_ROW.items() if k != "response"})
+VERIFY = ["closedloop", "verify", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl"]
+PARAMS = ["closedloop", "params"]
+EVAL = ["closedloop", "stage", "eval@base"]
+
+CASES = [
+    # params.yaml
+    Case("params-empty", PARAMS, ["params.yaml", "empty"], edit=raw_params("")),
+    Case("params-comment-only", PARAMS, ["params.yaml", "empty"], edit=raw_params("# nothing\n")),
+    Case("params-not-a-mapping", PARAMS, ["params.yaml", "top level"], edit=raw_params("- a\n- b\n")),
+    Case("params-invalid-yaml", PARAMS, ["params.yaml:3", "invalid YAML"], edit=raw_params("seed: 0\nrft: [1, 2\n")),
+    Case("params-duplicate-key", PARAMS, ["params.yaml:2", "duplicate key 'seed'"], edit=raw_params("seed: 0\nseed: 1\n")),
+    Case("params-non-utf8", PARAMS, ["params.yaml", "UTF-8"],
+         edit=lambda root, tmp: (root / "params.yaml").write_bytes(b"seed: 0\n# caf\xe9\n")),
+    Case("params-missing-file", PARAMS, ["params.yaml", "not found"],
+         edit=lambda root, tmp: (root / "params.yaml").unlink()),
+    Case("params-unknown-section", PARAMS, ["params.yaml", "colour"], params={"colour": "blue"}),
+    Case("params-unknown-key", PARAMS, ["params.yaml", "rft.numsamples"], params={"rft": {"numsamples": 3}}),
+    Case("params-wrong-type", PARAMS, ["params.yaml", "rft.num_samples"], params={"rft": {"num_samples": "four"}}),
+    Case("params-float-count", PARAMS, ["params.yaml", "prepare.num_train"], params={"prepare": {"num_train": 1e9}}),
+    Case("params-huge-count", PARAMS, ["params.yaml", "rft.num_samples"], params={"rft": {"num_samples": 10**9}}),
+    Case("params-negative", PARAMS, ["params.yaml", "prepare.num_eval"], params={"prepare": {"num_eval": -1}}),
+    Case("params-inf-temperature", PARAMS, ["params.yaml", "rft.temperature"], edit=raw_params(
+        "seed: 0\nrft: {temperature: .inf}\n")),
+    Case("params-nan-lr", PARAMS, ["params.yaml", "rft.sft.learning_rate"], params={"rft": {"sft": {"learning_rate": float("nan")}}}),
+    Case("params-inf-epochs", PARAMS, ["params.yaml", "spar.dpo.epochs"], params={"spar": {"dpo": {"epochs": float("inf")}}}),
+    Case("params-top-p-zero", PARAMS, ["params.yaml", "rft.top_p"], params={"rft": {"top_p": 0}}),
+    Case("params-yaml11-bool", PARAMS, ["params.yaml", "model.trust_remote_code"], params={"model": {"trust_remote_code": "yes"}}),
+    Case("params-bad-dtype", PARAMS, ["params.yaml", "model.dtype"], params={"model": {"dtype": "float64"}}),
+    Case("params-bad-reference", PARAMS, ["params.yaml", "evaluate.reference"], params={"evaluate": {"reference": "gpt"}}),
+    Case("params-unknown-suite", PARAMS, ["params.yaml", "evaluate.suites"], params={"evaluate": {"suites": ["trivia"]}}),
+    Case("params-unknown-verifier", PARAMS, ["params.yaml", "rft.verifier"], params={"rft": {"verifier": "oracle"}}),
+    Case("params-bad-scoring", PARAMS, ["params.yaml", "spar.judge.scoring"], params={"spar": {"judge": {"scoring": "dice"}}}),
+    Case("params-bad-strategy", PARAMS, ["params.yaml", "spar.tree.strategy"], params={"spar": {"tree": {"strategy": "astar"}}}),
+    Case("params-lora-rank-zero", PARAMS, ["params.yaml", "rft.sft.lora.r"], params={"rft": {"sft": {"lora": {"r": 0}}}}),
+    Case("params-min-over-max", PARAMS, ["params.yaml", "prepare.min_constraints"],
+         params={"prepare": {"min_constraints": 3, "max_constraints": 2}}),
+    Case("params-seed-text", PARAMS, ["params.yaml", "seed"], params={"seed": "abc"}),
+    # dvc.yaml edits
+    Case("dvc-yaml-corrupt-flow", [sys.executable, "flows/pipeline.py"], ["dvc.yaml"],
+         edit=lambda root, tmp: (root / "dvc.yaml").write_text("stages:\n  base:\n    cmd: [unclosed\n")),
+    Case("dvc-yaml-unknown-target", [sys.executable, "flows/pipeline.py", "--target", "nosuch"], ["dvc.yaml", "'nosuch'"]),
+    Case("dvc-yaml-unknown-stage-command", ["closedloop", "stage", "nosuch"], ["nosuch"],
+         edit=edit_dvc_yaml(lambda d: d["stages"].__setitem__("nosuch", {"cmd": "closedloop stage nosuch"}))),
+    Case("dvc-yaml-corrupt-stage", ["closedloop", "stage", "prepare"], ["dvc.yaml:3", "did not find"],
+         edit=lambda root, tmp: (root / "dvc.yaml").write_text("stages:\n  prepare: {cmd: [\n")),
+    Case("dvc-yaml-stage-removed", ["closedloop", "stage", "prepare"], ["dvc.yaml", "prepare"],
+         edit=edit_dvc_yaml(lambda d: d["stages"].pop("prepare"))),
+    # model paths
+    Case("model-missing", ["closedloop", "stage", "base"], ["model.base", "does not exist"],
+         params={"model": {"base": "{tmp}/nowhere"}}),
+    Case("model-empty-dir", ["closedloop", "stage", "base"], ["model.base", "config.json"],
+         params={"model": {"base": "{tmp}/model"}}, edit=model_dir("empty")),
+    Case("model-no-weights", ["closedloop", "stage", "base"], ["model.base", "safetensors"],
+         params={"model": {"base": "{tmp}/model"}}, edit=model_dir("config")),
+    Case("model-only-pickle", ["closedloop", "stage", "base"], ["model.base", "safetensors"],
+         params={"model": {"base": "{tmp}/model"}}, edit=model_dir("bin")),
+    Case("model-bert-no-architectures", ["closedloop", "stage", "base"], ["model.base", "not a causal language model"],
+         params={"model": {"base": "{tmp}/model"}}, edit=model_dir("bert")),
+    Case("model-pointer-invalid-json", ["closedloop", "stage", "base"], ["model.base", "pointer.json", "invalid JSON"],
+         params={"model": {"base": "{tmp}/pointer.json"}}, files={"pointer.json": "{nope"}),
+    Case("model-pointer-no-kind", ["closedloop", "stage", "base"], ["model.base", "pointer.json", "hub_id"],
+         params={"model": {"base": "{tmp}/pointer.json"}}, files={"pointer.json": '{"name": "x"}'}),
+    Case("eval-model-not-built", EVAL, ["evaluate.models.base", "{tmp}/model", "no model checkpoint"],
+         params={"evaluate": {"models": {"base": "{tmp}/model"}}}, edit=model_dir("empty")),
+    # closedloop verify
+    Case("verify-missing", VERIFY, ["in.jsonl", "not found"]),
+    Case("verify-invalid-json", VERIFY, ["in.jsonl:2", "invalid JSON"], files={"in.jsonl": ROW + "\n{oops\n"}),
+    Case("verify-array-row", VERIFY, ["in.jsonl:1", "JSON object"], files={"in.jsonl": "[1, 2]\n"}),
+    Case("verify-binary", VERIFY, ["in.jsonl:1", "UTF-8"], files={"in.jsonl": b"\x89PNG\r\n\x1a\n\x00\xff"}),
+    Case("verify-utf16", VERIFY, ["in.jsonl:1", "UTF-8"], files={"in.jsonl": (ROW + "\n").encode("utf-16")}),
+    Case("verify-empty", VERIFY, ["in.jsonl", "no rows"], files={"in.jsonl": ""}),
+    Case("verify-no-response", VERIFY, ["in.jsonl:1", "response"],
+         files={"in.jsonl": json.dumps({k: v for k, v in IFEVAL_ROW.items() if k != "response"}) + "\n"}),
+    Case("verify-unknown-instruction", VERIFY, ["in.jsonl:1", "nonsense:thing"],
+         files={"in.jsonl": json.dumps(IFEVAL_ROW | {"instruction_id_list": ["nonsense:thing"]}) + "\n"}),
+    Case("verify-kwargs-mismatch", VERIFY, ["in.jsonl:1", "kwargs"],
+         files={"in.jsonl": json.dumps(IFEVAL_ROW | {"kwargs": [{}, {}]}) + "\n"}),
+    Case("verify-output-is-dir", ["closedloop", "verify", "{tmp}/in.jsonl", "-o", "{tmp}/outdir", "--force"],
+         ["outdir", "directory"], files={"in.jsonl": ROW + "\n"}, edit=lambda root, tmp: (tmp / "outdir").mkdir()),
+    Case("verify-input-is-dir", ["closedloop", "verify", "{tmp}", "-o", "{tmp}/out.jsonl"], ["directory"]),
+    # held-out prompts (evaluate.prompts)
+    Case("prompts-missing", EVAL, ["evaluate.prompts", "prompts.jsonl", "not found"], params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}),
+    Case("prompts-invalid-line", EVAL, ["evaluate.prompts", "prompts.jsonl:2", "invalid JSON"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": PROMPT_ROW + "\nnot json\n"}),
+    Case("prompts-no-instructions", EVAL, ["prompts.jsonl:1", "instruction_id_list"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": '{"key": 1, "prompt": "hi"}\n'}),
+    Case("prompts-non-utf8", EVAL, ["prompts.jsonl:1", "UTF-8"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": b"{\"prompt\": \"caf\xe9\"}\n"}),
+    Case("prompts-empty", EVAL, ["evaluate.prompts", "prompts.jsonl", "no rows"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": "\n"}),
+]
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts[0] in {".git", *TRACKING} or rel.parts[:2] == (".dvc", "tmp"):
+            continue
+        st = p.lstat()
+        # a directory counts by its existence (a temporary entry made and removed inside it is no output)
+        out[str(rel)] = ("dir",) if p.is_dir() else (st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def substitute(value, tmp: Path):
+    if isinstance(value, str):
+        return value.replace("{tmp}", str(tmp))
+    if isinstance(value, dict):
+        return {k: substitute(v, tmp) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = copy_project(tmp_path_factory.mktemp("bad") / "project")
+    set_params(root, dict(TINY_PARAMS, model={"base": str(tiny_model_dir)}))
+    env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
+    for stage in ("base", "prepare"):  # real outputs, so later stages fail on the bad input itself
+        proc = subprocess.run(["closedloop", "stage", stage], cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, env
+
+
+def test_the_corpus_is_large_and_each_case_is_named_once():
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(project, tmp_path, case):
+    root, env = project
+    saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.yaml")}
+    try:
+        for name, content in case.files.items():
+            (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        if case.params:
+            set_params(root, substitute(case.params, tmp_path))
+        if case.edit:
+            case.edit(root, tmp_path)
+        before, scratch_before = snapshot(root), snapshot(tmp_path)
+        command = [substitute(a, tmp_path) for a in case.command]
+        proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        after, scratch_after = snapshot(root), snapshot(tmp_path)
+    finally:
+        for name, content in saved.items():
+            (root / name).write_bytes(content)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for part in case.expect:
+        assert substitute(part, tmp_path) in lines[0], lines[0]
+    assert after == before, set(after) ^ set(before) or "a file changed"
+    assert scratch_after == scratch_before, set(scratch_after) ^ set(scratch_before)
+    if (root / "mlflow.db").exists():  # a failed stage's run is marked FAILED, never left RUNNING
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        running = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'")
+        assert len(running) == 0

@@ -1,0 +1,76 @@
+"""Sweeps, the way the README runs them: `dvc exp run -S` in the workspace and a queued grid run
+with `--run-all`, on a tiny model. `dvc exp show` lists every experiment with its metrics, and
+each experiment's stages are MLflow runs in the project's store tagged with the experiment's name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import mlflow
+import pytest
+
+from conftest import TINY_PARAMS, copy_project, project_env, set_params
+
+pytestmark = pytest.mark.e2e
+METRICS = "data/eval/rft/metrics.json"
+
+
+def dvc(root, env, *args) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def experiments(show: list[dict]) -> dict[str, dict]:
+    """{experiment name: its data} from `dvc exp show --json` (baseline rows excluded)."""
+    out = {}
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name") and rev.get("data"):
+                    out[rev["name"]] = rev["data"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_model_dir):
+    root = copy_project(tmp_path_factory.mktemp("sweep") / "project")
+    set_params(root, dict(TINY_PARAMS, model={"base": str(tiny_model_dir)}))
+    subprocess.run(["git", "commit", "-qam", "tiny params"], cwd=root, check=True,
+                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t", "PATH": project_env(root, root)["PATH"]})
+    env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
+    dvc(root, env, "exp", "run", "-n", "ns3", "-S", "rft.num_samples=3", "eval@rft")
+    dvc(root, env, "exp", "run", "--queue", "-S", "rft.num_samples=2,4", "eval@rft")  # a grid: 2 experiments
+    dvc(root, env, "exp", "run", "--run-all", "-j", "1")
+    show = json.loads(dvc(root, env, "exp", "show", "--json"))
+    return root, experiments(show)
+
+
+def test_exp_show_lists_each_experiment_with_its_params_and_metrics(swept):
+    _, exps = swept
+    assert len(exps) == 3, sorted(exps)
+    seen = {}
+    for name, data in exps.items():
+        params = data["params"]["params.yaml"]["data"]
+        seen[params["rft"]["num_samples"]] = name
+        metrics = data["metrics"][METRICS]["data"]
+        assert 0.0 <= metrics["prompt_level_strict"] <= 1.0
+    assert sorted(seen) == [2, 3, 4]
+    assert seen[3] == "ns3"
+
+
+def test_each_experiments_stages_are_mlflow_runs_tagged_with_its_name(swept):
+    root, exps = swept
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # the project's store, also for queued runs
+    exp = mlflow.get_experiment_by_name("closedloop")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    for name, data in exps.items():
+        runs = mlflow.search_runs([exp.experiment_id], output_format="list",
+                                  filter_string=f"tags.`closedloop.dvc_exp` = '{name}'")
+        by_stage = {r.info.run_name: r for r in runs}
+        assert {"rft_sample", "rft_verify", "rft_train", "eval@rft"} <= set(by_stage), (name, sorted(by_stage))
+        num_samples = data["params"]["params.yaml"]["data"]["rft"]["num_samples"]
+        assert by_stage["rft_sample"].data.params["rft.num_samples"] == str(num_samples)
+        assert by_stage["rft_sample"].info.status == "FINISHED"
