@@ -3,9 +3,13 @@ Prefect here: the flow checks targets with it before Prefect starts)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from closedloop.errors import UserError, dvc_error
+
+LOCK_WAIT_SECONDS = 6 * 3600  # as long as a stage task waits (tasks/dvc_stage.py)
+LOCK_POLL_SECONDS = 2
 
 
 def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[str]], dict[str, str], set[str]]:
@@ -13,21 +17,30 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
     as changed now (empty without `with_status`)), all from DVC's own API in one pass over the index.
     A dvc.yaml DVC cannot read raises UserError."""
     from dvc.exceptions import DvcException
+    from dvc.lock import LockError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    # Wait for DVC's lock, as the stage tasks do (`dvc --wait-for-lock`): a flow started while
-    # another flow or a `dvc repro` holds it queues behind it instead of crashing.
-    try:
-        with Repo(str(root), _wait_for_lock=True) as repo:
-            graph = repo.index.graph  # edges point from a stage to the stages it depends on
-            stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
-            upstream = {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage))
-                        for s in stages}
-            methods = {s.name: (s.meta or {}).get("method", "shared") for s in stages}
-            stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
-    except DvcException as e:
-        raise dvc_error(e) from None
+    # Wait for DVC's locks, as the stage tasks do: `_wait_for_lock` waits for the repository lock,
+    # and a per-path lock ("... is busy": another flow's or a `dvc repro`'s stage is reading or
+    # writing those files) is polled. A flow started beside another queues behind it.
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            with Repo(str(root), _wait_for_lock=True) as repo:
+                graph = repo.index.graph  # edges point from a stage to the stages it depends on
+                stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+                upstream = {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage))
+                            for s in stages}
+                methods = {s.name: (s.meta or {}).get("method", "shared") for s in stages}
+                stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
+            break
+        except LockError as e:
+            if "is busy" not in str(e) or time.monotonic() > deadline:
+                raise dvc_error(e) from None
+            time.sleep(LOCK_POLL_SECONDS)
+        except DvcException as e:
+            raise dvc_error(e) from None
     return upstream, methods, stale
 
 

@@ -82,7 +82,8 @@ TINY_PARAMS = {
     "evaluate": {"max_new_tokens": 12, "batch_size": 8, "bootstrap": 50},
     "spar": {
         "sample": {"num_samples": 6, "max_new_tokens": 12, "max_prompts": 8},
-        "judge": {"verifier": "hybrid_judge", "votes": 3, "max_new_tokens": 12},
+        # votes: the tiny model's character-level tokenizer cannot tell " yes" from " no" as labels
+        "judge": {"verifier": "hybrid_judge", "votes": 3, "max_new_tokens": 12, "scoring": "votes"},
         "tree": {"max_new_tokens": 12, "budget": 20},
         # pairs = best vs worst sample: a tiny random model never writes a parseable refinement
         "ablation": "no_refine",

@@ -261,7 +261,8 @@ def test_the_mlflow_ui_opens_on_the_runs_and_compares_the_evaluations(project, t
         wait_for("the MLflow UI", lambda: urllib.request.urlopen(base + "/health", timeout=5).status == 200, 180, [ui])
         exp = mlflow.get_experiment_by_name("closedloop")
         url = experiment_url(base, exp.experiment_id)
-        assert url in first.stdout  # the flow prints the page to open
+        # the flow prints the page to open (on `mlflow ui`'s default port)
+        assert experiment_url("http://127.0.0.1:5000", exp.experiment_id) in first.stdout
         runs_page = render(url, tmp_path / "profile", tmp_path / "runs.png")
         assert "Run Name" in runs_page and "matching runs" in runs_page  # the runs table, not GenAI's Overview
         assert "No data available" not in runs_page

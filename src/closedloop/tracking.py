@@ -2,8 +2,9 @@
 lineage tags that lead from a run back to the exact `dvc repro` that made it.
 
 Tags set here: closedloop.git_commit, closedloop.dvc_stage, closedloop.prefect_flow_run_id,
-closedloop.base_model, closedloop.dvc_exp (under `dvc exp run`). The DVC lock hash (closedloop.dvc_lock_md5) is known only once DVC has
-written dvc.lock after the stage, so the orchestrator adds it (see `tag_lock_hash`).
+closedloop.base_model, closedloop.process, closedloop.dvc_exp (under `dvc exp run`). The DVC
+lock hash (closedloop.dvc_lock_md5) is known only once DVC has written dvc.lock after the stage,
+so the orchestrator adds it (see `tag_lock_hash`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ TAG_KIND = "closedloop.run_kind"  # "pipeline" or "stage"
 TAG_PARAMS_READ = "closedloop.params_read"  # the param keys the stage's code read (tests compare with dvc.yaml)
 TAG_PROCESS = "closedloop.process"  # host:pid:start time of the process that opened the run
 TAG_DVC_EXP = "closedloop.dvc_exp"  # the `dvc exp run` experiment a stage ran in: filter a sweep in the UI
-# MLflow 3's UI opens an experiment on the page its kind names; without the tag it guesses GenAI
-# ("Overview", empty here). Model training shows the runs table first.
+# The experiment's kind, for MLflow UIs that honour it. 3.17's GenAI/Model-training switch
+# overrides it, so the link the flow prints also carries ?workflowType= (see experiment_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

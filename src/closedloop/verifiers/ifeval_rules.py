@@ -355,7 +355,11 @@ def verify_jsonl(in_path: str | Path, out_path: str | Path | None = None) -> dic
             prepared.append(_prepare_row(row))
         except UserError as e:
             raise UserError(f"{in_path}:{lineno}: {e}") from None
-    results = [_with_verdicts(row, _judge(c, row["response"])) for row, c in zip(rows, prepared)]
+    from tqdm import tqdm
+
+    # A progress bar on a terminal (a large file takes a minute); nothing when piped.
+    checks = tqdm(zip(rows, prepared), total=len(rows), desc=f"verify {in_path.name}", unit="row", disable=None)
+    results = [_with_verdicts(row, _judge(c, row["response"])) for row, c in checks]
     write_jsonl(out_path, results)
     return {"input": str(in_path), "output": str(out_path), "num_rows": len(results), **_summary(results)}
 
