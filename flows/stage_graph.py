@@ -24,7 +24,9 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
     # Wait for DVC's locks, as the stage tasks do: `_wait_for_lock` waits for the repository lock,
     # and a per-path lock ("... is busy": another flow's or a `dvc repro`'s stage is reading or
     # writing those files) is polled. A flow started beside another queues behind it.
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    # DVC reads dvc.lock before taking its lock and rewrites it in place, so a `dvc repro` beside
+    # us can be caught mid-write ("dvc.lock validation failed"): reread a few times before reporting.
+    deadline, lock_rereads = time.monotonic() + LOCK_WAIT_SECONDS, 10
     while True:
         try:
             with Repo(str(root), _wait_for_lock=True) as repo:
@@ -40,7 +42,10 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
                 raise dvc_error(e) from None
             time.sleep(LOCK_POLL_SECONDS)
         except DvcException as e:
-            raise dvc_error(e) from None
+            if "dvc.lock" not in str(e) or lock_rereads == 0:
+                raise dvc_error(e) from None
+            lock_rereads -= 1
+            time.sleep(LOCK_POLL_SECONDS)
     return upstream, methods, stale
 
 

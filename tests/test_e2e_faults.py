@@ -133,11 +133,17 @@ def test_two_flows_at_once_on_a_fresh_clone_both_finish(tmp_path_factory, tiny_m
 def test_a_flow_started_beside_dvc_repro_waits_for_it(sampled):
     root, env, _ = sampled
     set_params(root, {"seed": 7})  # prepare and rft_sample are stale
-    repro = subprocess.Popen(["dvc", "repro", "rft_sample"], cwd=root, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
+    log = root.parent / "repro.log"
+    with open(log, "w") as out:
+        repro = subprocess.Popen(["dvc", "repro", "rft_sample"], cwd=root, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    # the flow starts once `dvc repro` holds DVC's locks and runs a stage (plain `dvc repro` does
+    # not wait for locks itself, so starting the flow first would fail the user's command, not ours)
+    deadline = time.time() + 300
+    while "Running stage" not in log.read_text() and repro.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
     after = run([sys.executable, "flows/pipeline.py", "--target", "rft_sample"], root, env)
-    out, _ = repro.communicate(timeout=900)
-    assert repro.returncode == 0, out[-3000:]
+    repro.wait(timeout=900)
+    assert repro.returncode == 0, log.read_text()[-3000:]
     assert "stages run:" in after.stdout
     assert_clean(root, env, "rft_sample")
