@@ -25,15 +25,13 @@ if _bin not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 
-def check_inputs_or_exit(argv: list[str]) -> None:
-    """Validate params.yaml, dvc.yaml and any `--target` before prefect is imported (importing it
+def check_inputs_or_exit(targets: list[str]) -> None:
+    """Validate params.yaml, dvc.yaml and the `--target`s before prefect is imported (importing it
     creates PREFECT_HOME, and its start-up takes seconds): bad input stops the run with one line and
     exit code 2, having written nothing."""
     from closedloop.config import load_params
     from closedloop.errors import UserError
 
-    targets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--target"]
-    targets += [a.split("=", 1)[1] for a in argv if a.startswith("--target=")]
     try:
         load_params(ROOT / "params.yaml")
         from stage_graph import resolve_targets, stage_graph

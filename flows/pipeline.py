@@ -16,8 +16,16 @@ from pathlib import Path
 
 import _bootstrap  # sets PREFECT_HOME and offline variables before prefect loads
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", action="append", default=None,
+                    help="a stage, a foreach group (eval) or a method (rft, spar, ...) to bring up to date (repeatable)")
+    return ap.parse_args(argv)
+
+
 if __name__ == "__main__":
-    _bootstrap.check_inputs_or_exit(sys.argv[1:])
+    _bootstrap.check_inputs_or_exit(parse_args().target or [])
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -50,7 +58,8 @@ def pipeline(targets: list[str] | None = None) -> dict:
     logger.info("stages: %s", " -> ".join(order))
     flow_run_id = str(flow_run.get_id() or "")
     executed: list[str] = []
-    with parent_run(ROOT, params, flow_run_id, targets or []) as parent_id:
+    with parent_run(ROOT, params, flow_run_id, targets or []) as parent:
+        parent_id = parent.run_id
         env = {tracking.PARENT_RUN_ENV: parent_id, tracking.FLOW_RUN_ENV: flow_run_id}
         for stage in order:
             # DVC decides: a stage it reported clean, none of whose upstream stages ran now, is
@@ -60,7 +69,7 @@ def pipeline(targets: list[str] | None = None) -> dict:
             if result["ran"]:
                 executed.append(stage)
                 tag_lineage(str(ROOT), params, parent_id, stage)
-        ui = mlflow_ui_command(params, tracking.setup(ROOT, params.tracking.tracking_uri, params.tracking.experiment))
+        ui = mlflow_ui_command(params, parent.experiment_id)
         table = publish_results(str(ROOT), ui)
     logger.info("stages run: %s", ", ".join(executed) or "none")
     return {"executed": executed, "parent_run_id": parent_id, "order": order, "table": table, "mlflow_ui": ui}
@@ -74,10 +83,7 @@ def print_summary(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", action="append", default=None,
-                    help="a stage, a foreach group (eval) or a method (rft, spar, ...) to bring up to date (repeatable)")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     _bootstrap.prepare_temporary_server()
     try:
         print_summary(pipeline(targets=args.target))

@@ -8,7 +8,11 @@ from pathlib import Path
 
 from closedloop.errors import UserError, dvc_error
 
-LOCK_WAIT_SECONDS = 6 * 3600  # as long as a stage task waits (tasks/dvc_stage.py)
+# DVC's per-path read/write locks: `--wait-for-lock` waits for the repository lock only, so a
+# command touching files another DVC process holds fails at once with "... is busy". The flow
+# (here) and its stage tasks (tasks/dvc_stage.py) wait that out, polling, for at most this long.
+LOCK_BUSY = "is busy"
+LOCK_WAIT_SECONDS = 6 * 3600
 LOCK_POLL_SECONDS = 2
 
 
@@ -38,7 +42,7 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
                 stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
             break
         except LockError as e:
-            if "is busy" not in str(e) or time.monotonic() > deadline:
+            if LOCK_BUSY not in str(e) or time.monotonic() > deadline:
                 raise dvc_error(e) from None
             time.sleep(LOCK_POLL_SECONDS)
         except DvcException as e:

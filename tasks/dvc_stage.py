@@ -16,12 +16,7 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-USER_ERROR_EXIT = 2
-# `--wait-for-lock` waits for DVC's repository lock, but not for its per-path read/write locks:
-# a stage whose outputs another DVC process is reading (another flow, a `dvc repro`) fails at once
-# with "... is busy". It is waited out here, polling, for at most this long.
-RWLOCK_WAIT_SECONDS = 6 * 3600
-RWLOCK_POLL_SECONDS = 5
+from stage_graph import LOCK_BUSY, LOCK_POLL_SECONDS, LOCK_WAIT_SECONDS
 
 
 class StageFailed(RuntimeError):
@@ -39,7 +34,7 @@ def _is_transient(output: str) -> bool:
     if m:
         code = int(m.group(1))
         return code < 0 or code in (128 + 9, 128 + 15)
-    return "is busy" in output or "LockError" in output
+    return LOCK_BUSY in output or "LockError" in output
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -64,15 +59,15 @@ def run_stage(stage: str, root: str, env: dict[str, str], known_clean: bool = Fa
     if known_clean:
         logger.info("stage %s: up to date (dvc status), skipped", stage)
         return {"stage": stage, "ran": False}
-    deadline = time.monotonic() + RWLOCK_WAIT_SECONDS
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         proc = subprocess.run(["dvc", "--wait-for-lock", "repro", "-s", stage], cwd=root,
                               env={**os.environ, **env}, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
-        if proc.returncode == 0 or "is busy, it is being blocked by" not in output or time.monotonic() > deadline:
+        if proc.returncode == 0 or LOCK_BUSY not in output or time.monotonic() > deadline:
             break
         logger.info("stage %s: its files are in use by another DVC process; waiting", stage)
-        time.sleep(RWLOCK_POLL_SECONDS)
+        time.sleep(LOCK_POLL_SECONDS)
     if proc.returncode != 0:
         raise StageFailed(stage, proc.returncode, output, _is_transient(output))
     ran = stage_ran(stage, output)

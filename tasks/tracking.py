@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from prefect import task
@@ -15,14 +16,14 @@ from closedloop.models import model_id
 
 
 @contextlib.contextmanager
-def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iterator[str]:
+def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iterator[Any]:
     tracking.setup(root, params.tracking.tracking_uri, params.tracking.experiment)
     tags = tracking.lineage_tags(root, None, model_id(root / params.model.base))
     tags |= {tracking.TAG_FLOW_RUN: flow_run_id, tracking.TAG_KIND: "pipeline"}
     with mlflow.start_run(run_name="pipeline", tags=tags) as run:
         mlflow.log_params({"targets": ",".join(targets) or "all"} |
                           {k: ("null" if v is None else v) for k, v in tracking.flatten(params.as_dict()).items()})
-        yield run.info.run_id
+        yield run.info  # run_id, experiment_id
 
 
 @task(name="tag-lineage", cache_policy=NO_CACHE)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "flows")]  # tasks/ and the flows' modules, as the flow has them
 from tasks.dvc_stage import _is_transient  # noqa: E402
 
 FAILED = "ERROR: failed to reproduce 'rft_sample': failed to run: closedloop stage rft_sample, exited with {}"

@@ -46,12 +46,13 @@ class FieldError(ValueError):
         self.key = key
 
 
-def check_verifier_name(name: str, key: str = "verifier") -> None:
+def check_verifier_name(name: str) -> None:
     """A method's `verifier` param names a registered verifier (checked with the params, before any compute)."""
     from closedloop.verifiers import list_verifiers
 
-    if name not in list_verifiers():
-        raise FieldError(key, f"expected a registered verifier ({', '.join(list_verifiers())}), got {name!r}")
+    known = list_verifiers()
+    if name not in known:
+        raise FieldError("verifier", f"expected a registered verifier ({', '.join(known)}), got {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,9 +110,10 @@ class EvaluateParams:
                 raise FieldError(f"models.{name}", "expected a name of letters, digits, - and _")
         from closedloop.evaluate.suites import suite_names
 
+        known = suite_names()
         for suite in self.suites:
-            if suite not in suite_names():
-                raise FieldError("suites", f"expected registered suites ({', '.join(suite_names())}), got {suite!r}")
+            if suite not in known:
+                raise FieldError("suites", f"expected registered suites ({', '.join(known)}), got {suite!r}")
 
 
 @dataclass

@@ -148,10 +148,7 @@ class InstructionFollowing:
     metrics = METRICS
     breakdown_label = "instruction id"
 
-    def check(self, params: Any, root: Path) -> None:
-        self._rows(params, root)
-
-    def _rows(self, params: Any, root: Path) -> list[dict]:
+    def load(self, params: Any, root: Path) -> list[dict]:
         from closedloop.suite import load_eval_rows
 
         e = params.evaluate
@@ -160,12 +157,11 @@ class InstructionFollowing:
         except UserError as err:
             raise UserError(f"evaluate.prompts: {err}") from None
 
-    def run(self, params: Any, root: Path, backend: Any) -> list[dict]:
+    def run(self, params: Any, rows: list[dict], backend: Any) -> list[dict]:
         from closedloop.generate import SamplingParams
         from closedloop.verifiers.ifeval_rules import verify_row
 
         e = params.evaluate
-        rows = self._rows(params, root)
         sp = SamplingParams(n=1, temperature=e.temperature, top_p=1.0, max_new_tokens=e.max_new_tokens,
                             seed=params.seed)
         outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in rows], sp)

@@ -23,13 +23,13 @@ class Suite(Protocol):
     metrics: tuple[str, ...]  # the headline metrics, in table order
     breakdown_label: str  # what a breakdown group is, for the report ("instruction id")
 
-    def check(self, params: Any, root: Path) -> None:
-        """Read and validate the suite's inputs, before the model loads: bad input fails in one
+    def load(self, params: Any, root: Path) -> list[dict]:
+        """Read and validate the suite's examples, before the model loads: bad input fails in one
         line, naming the param and file, without paying for a model load first."""
         ...
 
-    def run(self, params: Any, root: Path, backend: Any) -> list[dict]:
-        """Score the model behind `backend` on the suite's examples; one record per example."""
+    def run(self, params: Any, examples: list[dict], backend: Any) -> list[dict]:
+        """Score the model behind `backend` on `examples` (from `load`); one record per example."""
         ...
 
 

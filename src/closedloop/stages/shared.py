@@ -55,17 +55,16 @@ def run_eval(params: Any, root: Path, name: str | None) -> None:
     from closedloop.evaluate.suites import get_suite
 
     e = params.evaluate
-    if not (root / e.models[name] / "config.json").is_file():
-        raise UserError(f"evaluate.models.{name}: {root / e.models[name]}: no model checkpoint here "
-                        "(run the stage that makes it first)")
-    suites = {suite_name: get_suite(suite_name) for suite_name in e.suites}
-    for suite in suites.values():
-        suite.check(params, root)  # inputs first: bad input fails before the model loads
-    backend = open_backend(params, root, e.models[name], e.batch_size)
+    # inputs first: bad examples fail before the model loads
+    suites = {n: (get_suite(n), get_suite(n).load(params, root)) for n in e.suites}
+    try:
+        backend = open_backend(params, root, e.models[name], e.batch_size)
+    except UserError as err:
+        raise UserError(f"evaluate.models.{name}: {err}") from None
     out = root / EVAL_DIR / name
     records, metrics = [], {}
-    for suite_name, suite in suites.items():
-        rows = suite.run(params, root, backend)
+    for suite_name, (suite, examples) in suites.items():
+        rows = suite.run(params, examples, backend)
         records += rows
         for m in suite.metrics:
             num = [r["scores"][m][0] for r in rows]
