@@ -44,6 +44,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_prefix_reuse.py
+	$(BIN)/python bench/bench_dct_solver.py
 	$(BIN)/python bench/bench_noop.py
 
 # MLflow 3.17 opens experiments on its GenAI pages; ?workflowType=machine_learning opens the runs table.

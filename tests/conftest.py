@@ -91,4 +91,11 @@ TINY_PARAMS = {
         "refiner_sft": {"max_length": 128, "batch_size": 2},
         "eval_search": True,
     },
+    "facts": {"num_train": 8, "num_eval": 8},
+    "dct": {
+        "seeds": {"claims_per_topic": 1, "max_seeds": 4, "max_new_tokens": 12},
+        "expand": {"num_implied": 1, "num_contradicted": 1, "max_new_tokens": 12},
+        "batch_size": 8,
+        "sft": {"epochs": 1, "batch_size": 4, "max_length": 512, "lora": {"r": 4, "alpha": 8}},
+    },
 }

@@ -69,6 +69,20 @@ PROMPT_ROW = json.dumps({k: v for k, v in IFEVAL_ROW.items() if k != "response"}
 VERIFY = ["closedloop", "verify", "{tmp}/in.jsonl", "-o", "{tmp}/out.jsonl"]
 PARAMS = ["closedloop", "params"]
 EVAL = ["closedloop", "stage", "eval@base"]
+SOLVE = ["closedloop", "stage", "dct_solve"]
+
+
+def scored_graph(nodes: int, edges: list, fixed: dict | None = None) -> Callable[[Path, Path], None]:
+    """data/dct/scored.jsonl with one graph, as dct_score writes it."""
+    def write(root: Path, tmp: Path) -> None:
+        fixed_ = fixed or {}
+        graph = {"graph": "g0000", "source": "test", "edges": edges,
+                 "nodes": [{"id": i, "text": f"claim {i}", "role": "seed" if i == 0 else "implied", "p_true": 0.7,
+                            "fixed": i in fixed_, "label": fixed_.get(i)} for i in range(nodes)]}
+        (root / "data/dct").mkdir(parents=True, exist_ok=True)
+        (root / "data/dct/scored.jsonl").write_text(json.dumps(graph) + "\n")
+    return write
+
 
 CASES = [
     # params.yaml
@@ -103,6 +117,14 @@ CASES = [
     Case("params-min-over-max", PARAMS, ["params.yaml", "prepare.min_constraints"],
          params={"prepare": {"min_constraints": 3, "max_constraints": 2}}),
     Case("params-seed-text", PARAMS, ["params.yaml", "seed"], params={"seed": "abc"}),
+    Case("params-dct-bad-mode", PARAMS, ["params.yaml", "dct.seeds.mode"], params={"dct": {"seeds": {"mode": "magic"}}}),
+    Case("params-dct-nothing-to-expand", PARAMS, ["params.yaml", "dct.expand.num_implied"],
+         params={"dct": {"expand": {"num_implied": 0, "num_contradicted": 0}}}),
+    Case("params-dct-bad-oversize", PARAMS, ["params.yaml", "dct.consistency.oversize"],
+         params={"dct": {"consistency": {"oversize": "truncate"}}}),
+    Case("params-facts-hub-without-dataset", PARAMS, ["params.yaml", "facts.hub.dataset"], params={"facts": {"source": "hub"}}),
+    Case("params-bad-claim-format", PARAMS, ["params.yaml", "evaluate.claim_format"],
+         params={"evaluate": {"claim_format": "essay"}}),
     # dvc.yaml edits
     Case("dvc-yaml-corrupt-flow", [sys.executable, "flows/pipeline.py"], ["dvc.yaml"],
          edit=lambda root, tmp: (root / "dvc.yaml").write_text("stages:\n  base:\n    cmd: [unclosed\n")),
@@ -156,6 +178,24 @@ CASES = [
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": b"{\"prompt\": \"caf\xe9\"}\n"}),
     Case("prompts-empty", EVAL, ["evaluate.prompts", "prompts.jsonl", "no rows"],
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": "\n"}),
+    # held-out claims (evaluate.claims) and DCT's inputs
+    Case("claims-missing", EVAL, ["evaluate.claims", "claims.jsonl", "not found"],
+         params={"evaluate": {"claims": "{tmp}/claims.jsonl"}}),
+    Case("claims-bad-label", EVAL, ["evaluate.claims", "claims.jsonl:2", "label"],
+         params={"evaluate": {"claims": "{tmp}/claims.jsonl"}},
+         files={"claims.jsonl": '{"claim": "2 + 2 = 4.", "label": true}\n{"claim": "1 + 1 = 3.", "label": "maybe"}\n'}),
+    Case("claims-no-claim", EVAL, ["evaluate.claims", "claims.jsonl:1", "claim"],
+         params={"evaluate": {"claims": "{tmp}/claims.jsonl"}}, files={"claims.jsonl": '{"label": true}\n'}),
+    Case("dct-topics-bad-line", ["closedloop", "stage", "dct_seed"], ["dct.seeds.topics", "topics.jsonl:2", "topic"],
+         params={"dct": {"seeds": {"topics": "{tmp}/topics.jsonl"}}},
+         files={"topics.jsonl": '{"topic": "numbers"}\n{"name": "months"}\n'}),
+    Case("dct-documents-empty", ["closedloop", "stage", "dct_seed"], ["dct.seeds.documents", "docs.jsonl", "no lines"],
+         params={"dct": {"seeds": {"mode": "update", "documents": "{tmp}/docs.jsonl"}}}, files={"docs.jsonl": ""}),
+    Case("dct-graph-over-limit", SOLVE, ["scored.jsonl", "g0000", "dct.consistency.max_nodes"],
+         params={"dct": {"consistency": {"max_nodes": 3}}},
+         edit=scored_graph(5, [[0, i, "implies"] for i in range(1, 5)])),
+    Case("dct-infeasible-fixed-labels", SOLVE, ["scored.jsonl", "g0000", "fixed"],
+         edit=scored_graph(2, [[0, 1, "contradicts"]], fixed={0: True, 1: True})),
 ]
 
 
@@ -184,7 +224,7 @@ def project(tmp_path_factory, tiny_model_dir):
     root = copy_project(tmp_path_factory.mktemp("bad") / "project")
     set_params(root, dict(TINY_PARAMS, model={"base": str(tiny_model_dir)}))
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
-    for stage in ("base", "prepare"):  # real outputs, so later stages fail on the bad input itself
+    for stage in ("base", "prepare", "facts"):  # real outputs, so later stages fail on the bad input itself
         proc = subprocess.run(["closedloop", "stage", stage], cwd=root, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return root, env

@@ -24,9 +24,10 @@ pytestmark = pytest.mark.e2e
 RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval@base", "eval@rft", "compare"}
 SPAR_STAGES = {"spar_init", "eval@spar-it1"} | {f"spar_{s}@it1" for s in ("sample", "judge", "refine", "pairs", "actor",
                                                                           "refiner", "eval")}
-ALL_STAGES = RFT_STAGES | SPAR_STAGES
+DCT_STAGES = {"facts", "eval@dct"} | {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "coherence")}
+ALL_STAGES = RFT_STAGES | SPAR_STAGES | DCT_STAGES
 # Every stage that loads a model, so every one that must rerun when model.dtype changes.
-MODEL_LOADERS = ALL_STAGES - {"prepare", "rft_verify", "spar_pairs@it1", "compare", "spar_init"}
+MODEL_LOADERS = ALL_STAGES - {"prepare", "facts", "rft_verify", "spar_pairs@it1", "compare", "spar_init", "dct_solve"}
 LINEAGE = ("closedloop.git_commit", "closedloop.dvc_stage", "closedloop.dvc_lock_md5",
            "closedloop.prefect_flow_run_id", "closedloop.base_model")
 
@@ -80,7 +81,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     root, env, first = project
     assert stages_run(first) == ALL_STAGES
     assert "prompt_level_strict" in first.stdout  # the comparison report is printed
-    for row in ("| base |", "| rft |", "| spar-it1 |"):  # one row per evaluated model; SPAR's curve is its rows
+    for row in ("| base |", "| rft |", "| spar-it1 |", "| dct |"):  # a row per model; SPAR's curve is its rows
         assert row in first.stdout
     assert "Δ " in first.stdout  # with paired differences against the base
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
@@ -97,8 +98,9 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
         assert run.data.tags["closedloop.prefect_flow_run_id"] == parent.data.tags["closedloop.prefect_flow_run_id"]
     by_stage = {r.data.tags["closedloop.dvc_stage"]: r for r in nested}
     # one evaluation for every model: the same metric names on every eval run (MLflow's compare view)
-    eval_metrics = [set(by_stage[s].data.metrics) for s in ("eval@base", "eval@rft", "eval@spar-it1")]
-    assert "prompt_level_strict_ci_low" in eval_metrics[0] and eval_metrics[0] == eval_metrics[1] == eval_metrics[2]
+    eval_metrics = [set(by_stage[s].data.metrics) for s in ("eval@base", "eval@rft", "eval@spar-it1", "eval@dct")]
+    assert {"prompt_level_strict_ci_low", "fact_accuracy_ci_low"} <= eval_metrics[0]
+    assert all(m == eval_metrics[0] for m in eval_metrics)
     assert "rft/prompt_level_strict_diff_ci_low" in by_stage["compare"].data.metrics
     assert "sample_pass_rate" in by_stage["rft_verify"].data.metrics
     assert "train_loss" in by_stage["rft_train"].data.metrics
@@ -196,7 +198,7 @@ def test_editing_a_file_a_param_names_reruns_the_stages_that_read_it(project):
     original = prompts.read_text(), weights.read_text()
     try:
         prompts.write_text(original[0] + "\n")  # the same rows, but not the same file
-        assert changed_stages(root, env) == {"eval@base", "eval@rft", "eval@spar-it1"}
+        assert changed_stages(root, env) == {"eval@base", "eval@rft", "eval@spar-it1", "eval@dct"}
         prompts.write_text(original[0])
         weights.write_text(original[1] + "\n")
         assert "base" in changed_stages(root, env)
@@ -270,7 +272,7 @@ def test_the_mlflow_ui_opens_on_the_runs_and_compares_the_evaluations(project, t
 
         parents, children = pipeline_runs(root)
         evals = [r for r in children[parents[0].info.run_id] if r.info.run_name.startswith("eval@")]
-        assert {r.info.run_name for r in evals} == {"eval@base", "eval@rft", "eval@spar-it1"}
+        assert {r.info.run_name for r in evals} == {"eval@base", "eval@rft", "eval@spar-it1", "eval@dct"}
         ids = urllib.parse.quote(json.dumps([r.info.run_id for r in evals]))
         compare = f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}"
         compare_page = render(compare, tmp_path / "profile", tmp_path / "compare.png")

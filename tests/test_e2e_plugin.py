@@ -93,7 +93,7 @@ def test_the_flow_runs_the_new_method_by_target_and_reports_its_row(plugged):
     root, env = plugged
     proc = run_flow(root, env, "--target", "toy")
     # its stage, its evaluation and the comparison (whose other inputs are shared); no other method's stages
-    assert stages_run(proc) == {"base", "prepare", "toy_make", "eval@toy", "eval@base", "compare"}
+    assert stages_run(proc) == {"base", "prepare", "facts", "toy_make", "eval@toy", "eval@base", "compare"}
     parents, children = pipeline_runs(root)
     assert {r.data.tags["closedloop.dvc_stage"] for r in children[parents[-1].info.run_id]} == stages_run(proc)
     assert "| toy |" in proc.stdout and "| base |" in proc.stdout

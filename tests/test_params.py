@@ -25,13 +25,13 @@ def test_dataclass_defaults_equal_params_yaml():
     defaults = Params(methods={name: cls() for name, cls in method_configs().items()}).as_dict()
     # The one exception: each method adds its model's row to evaluate.models (default: base alone).
     assert shipped["evaluate"].pop("models") == {"base": "models/base", "rft": "models/rft",
-                                                 "spar-it1": "models/spar/it1/actor"}
+                                                 "spar-it1": "models/spar/it1/actor", "dct": "models/dct"}
     assert defaults["evaluate"].pop("models") == {"base": "models/base"}
     assert shipped == defaults
 
 
 def test_every_method_module_with_a_config_is_a_section():
-    assert {"rft", "spar"} <= set(method_configs())
+    assert {"rft", "spar", "dct"} <= set(method_configs())
 
 
 @pytest.mark.parametrize("yaml_text, message", [

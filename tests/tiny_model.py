@@ -20,6 +20,7 @@ CORPUS = [
     "please list three colors : red , green and blue",
     "system user assistant you are a helpful bot",
     "write a short poem about the sea and the sky",
+    "is the claim true or false ? answer : true . answer : false .",  # DCT and fact verification's labels
 ]
 
 

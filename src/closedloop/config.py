@@ -91,11 +91,18 @@ class EvaluateParams:
     # decoding; the comparison report has one row per name, with paired intervals against `reference`.
     models: dict[str, str] = field(default_factory=lambda: {"base": "models/base"})
     reference: str = "base"  # the row every other model is compared with
-    suites: list[str] = field(default_factory=lambda: ["instruction_following"])  # evaluation suites by name
+    # evaluation suites by name: instruction_following (IFEval) | fact_verification (evaluate.claims)
+    suites: list[str] = field(default_factory=lambda: ["instruction_following", "fact_verification"])
     # The held-out prompts: prepare's synthetic split, or an IFEval-format jsonl (key, prompt,
     # instruction_id_list, kwargs), e.g. IFEval's own input_data.jsonl.
     prompts: str = field(default="data/suite/eval.jsonl", metadata=bounds(path=True))
-    limit: int | None = field(default=None, metadata=bounds(ge=1))  # a deterministic subset of this many prompts
+    # The fact_verification suite's labelled claims (jsonl: claim, label; optional key, kind): the
+    # `facts` stage's split, or a user's file, e.g. a CREAK-style benchmark.
+    claims: str = field(default="data/facts/eval.jsonl", metadata=bounds(path=True))
+    # How a claim is put to the model (evaluate/fact_verification.py): fewshot (raw text, four
+    # labelled examples) | chat (a question in the chat template). DCT scores and trains in it too.
+    claim_format: Literal["fewshot", "chat"] = "fewshot"
+    limit: int | None = field(default=None, metadata=bounds(ge=1))  # a deterministic subset of each suite's examples
     max_new_tokens: int = field(default=160, metadata=bounds(ge=1))
     temperature: float = field(default=0.0, metadata=bounds(ge=0.0, le=10.0))  # 0 = greedy, as IFEval reports
     batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))
@@ -114,6 +121,30 @@ class EvaluateParams:
         for suite in self.suites:
             if suite not in known:
                 raise FieldError("suites", f"expected registered suites ({', '.join(known)}), got {suite!r}")
+
+
+@dataclass
+class HubClaimsParams:
+    dataset: str | None = None  # a hub dataset id (needs HF_HUB_OFFLINE=0) or a local data file/directory
+    config: str | None = None
+    split: str = "validation"
+    claim_column: str = "sentence"  # CREAK's columns
+    label_column: str = "label"  # bool, 0/1 or "true"/"false"
+
+
+@dataclass
+class FactsParams:
+    # program: claims whose truth a program checks (arithmetic, comparisons, months and weekdays,
+    # units, set membership) plus the hand-written `general` ones | hub: `hub.dataset`'s claims
+    source: Literal["program", "hub"] = "program"
+    general: str = field(default="data/seeds/facts.jsonl", metadata=bounds(path=True))  # split half and half
+    num_train: int = field(default=64, metadata=bounds(ge=1))  # program-made (or hub) claims per split,
+    num_eval: int = field(default=96, metadata=bounds(ge=1))  # plus `general`'s share
+    hub: HubClaimsParams = field(default_factory=HubClaimsParams)
+
+    def __post_init__(self) -> None:
+        if self.source == "hub" and not self.hub.dataset:
+            raise FieldError("hub.dataset", "expected a dataset id or path when facts.source is hub, got null")
 
 
 @dataclass
@@ -167,8 +198,8 @@ class DPOParams(TrainParams):
     max_length: int = field(default=1024, metadata=bounds(ge=8, le=1_000_000))
 
 
-SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "prepare": PrepareParams, "evaluate": EvaluateParams,
-                                    "tracking": TrackingParams}
+SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "prepare": PrepareParams, "facts": FactsParams,
+                                    "evaluate": EvaluateParams, "tracking": TrackingParams}
 
 
 def method_configs() -> dict[str, type]:
@@ -190,6 +221,7 @@ class Params:
     seed: int = field(default=0, metadata=bounds(ge=0, le=2**31 - 1))
     model: ModelParams = field(default_factory=ModelParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    facts: FactsParams = field(default_factory=FactsParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     methods: dict[str, Any] = field(default_factory=dict)  # {method: its CONFIG instance}

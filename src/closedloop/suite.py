@@ -328,7 +328,13 @@ def load_eval_rows(path: str | Path, limit: int | None, seed: int) -> list[dict]
     rows = [_check_eval_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
     if not rows:
         raise UserError(f"{path}: no rows; expected IFEval-format lines (key, prompt, instruction_id_list, kwargs)")
+    return deterministic_subset(rows, limit, seed)
+
+
+def deterministic_subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """`rows` (None = all, in file order) or a `seed`-shuffled order cut to `limit` rows."""
     if limit is None:
         return rows
+    rows = list(rows)
     random.Random(seed).shuffle(rows)
     return rows[:limit]

@@ -2,6 +2,7 @@
 
     base         model.base -> models/base (safetensors + tokenizer, in model.dtype)
     prepare      the synthetic instruction suite -> data/suite/{train,eval}.jsonl
+    facts        labelled claims (program-checked + hand-written, or a hub set) -> data/facts/{train,eval}.jsonl
     eval@<name>  every suite in evaluate.suites on evaluate.models[<name>] -> data/eval/<name>/
     compare      every evaluated model as a row, paired intervals against evaluate.reference -> data/compare/
 """
@@ -20,6 +21,7 @@ from closedloop.stages.common import open_backend
 
 TRAIN = Path("data/suite/train.jsonl")
 EVAL = Path("data/suite/eval.jsonl")
+FACTS = Path("data/facts")
 EVAL_DIR = Path("data/eval")
 COMPARE_DIR = Path("data/compare")
 
@@ -44,6 +46,29 @@ def run_prepare(params: Any, root: Path, key: str | None) -> None:
     write_jsonl(root / EVAL, evalset)
     ids = Counter(i for row in train for i in row["instruction_id_list"])
     mlflow.log_metrics({"num_train": len(train), "num_eval": len(evalset), "train_distinct_ids": len(ids)})
+
+
+def run_facts(params: Any, root: Path, key: str | None) -> None:
+    """Train and eval claim splits: program-made claims split by count, the hand-written ones
+    alternately within each label (both splits get half, balanced); or a hub set split by count."""
+    from closedloop import facts
+
+    f = params.facts.value()  # the source decides which keys matter: declared and read whole
+    if f.source == "hub":
+        h = f.hub
+        rows = facts.load_hub_claims(h.dataset, h.split, h.claim_column, h.label_column, h.config)
+        train, evalset = facts.split_claims(rows, f.num_train, f.num_eval, params.seed)
+    else:
+        general = facts.load_claims(root / f.general, "facts.general")
+        made = facts.program_claims(f.num_train + f.num_eval, params.seed)
+        train, evalset = facts.split_claims(made, f.num_train, f.num_eval, params.seed)
+        by_label = [[r for r in general if r["label"] == v] for v in (True, False)]
+        train += [r for rows in by_label for r in rows[1::2]]
+        evalset += [r for rows in by_label for r in rows[0::2]]
+    write_jsonl(root / FACTS / "train.jsonl", train)
+    write_jsonl(root / FACTS / "eval.jsonl", evalset)
+    mlflow.log_metrics({"num_train": len(train), "num_eval": len(evalset),
+                        "eval_true_fraction": sum(r["label"] for r in evalset) / len(evalset)})
 
 
 def run_eval(params: Any, root: Path, name: str | None) -> None:
@@ -119,4 +144,4 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
     print(report)
 
 
-STAGES = {"base": run_base, "prepare": run_prepare, "eval": run_eval, "compare": run_compare}
+STAGES = {"base": run_base, "prepare": run_prepare, "facts": run_facts, "eval": run_eval, "compare": run_compare}

@@ -1,0 +1,228 @@
+"""DCT's stages (dvc.yaml `meta: {method: dct}`): seed, expand, score, solve, train, coherence.
+
+    dct_seed       seed claims by dct.seeds.mode                     data/dct/seeds.jsonl
+    dct_expand     one graph per seed: implied and contradicting claims (models/base writes them)
+                                                                     data/dct/graphs.jsonl
+    dct_score      P(true) of every node (models/base, label scoring) data/dct/scored.jsonl
+    dct_solve      the most probable consistent assignment per graph  data/dct/solved.jsonl, metrics
+    dct_train      SFT from models/base on the assignment            models/dct
+    dct_coherence  how often models/dct's own labels satisfy the graphs, against models/base's
+
+The fact-verification accuracy of base vs DCT is the shared `eval@dct` (evaluate.models.dct:
+models/dct) with the `fact_verification` suite, in the comparison report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from closedloop.errors import UserError
+from closedloop.io import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
+from closedloop.methods import dct
+from closedloop.stages.common import open_backend
+
+DATA = Path("data/dct")
+
+
+def _texts(path: Path, key: str, where: str) -> list[str]:
+    """The non-empty string `key` of every line of a jsonl file; one error naming file:line otherwise."""
+    out = []
+    for lineno, row in iter_jsonl(path):
+        value = row.get(key) if isinstance(row, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}: {path.name}:{lineno}: {key}: expected a non-empty string, got {value!r}")
+        out.append(value.strip())
+    if not out:
+        raise UserError(f"{where}: {path.name}: no lines; expected one {{\"{key}\": ...}} object per line")
+    return out
+
+
+def _claim_generator(backend: Any, sampling: Any) -> dct.GenerateClaims:
+    """Claims through a one-segment scaffold: the answer opens with `Statement:` (written by us)
+    and ends at the first newline, so every output is one claim whatever the model writes."""
+    from closedloop.generate import SamplingParams
+    from closedloop.structured import Segment, generate_scaffold
+
+    def generate(chats: list[list[dict]], n: int, seed: int) -> list[list[str]]:
+        sp = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                            max_new_tokens=sampling.max_new_tokens, seed=seed)
+        outs = generate_scaffold(backend, chats, [Segment(dct.CLAIM_HEADER, sampling.max_new_tokens, ("\n",))], sp)
+        return [[dct.clean_claim(o.segments[0]) for o in per_chat] for per_chat in outs]
+
+    return generate
+
+
+def run_seed(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.facts import load_claims
+
+    s = params.dct.seeds.value()  # the mode decides which keys matter; the stage declares them all
+    # Read in every mode, as dvc.yaml declares them for the stage (one declared set, not one per mode).
+    eval_claims, batch_size = params.evaluate.claims, params.dct.batch_size
+    dtype, remote_code = params.model.dtype, params.model.trust_remote_code  # noqa: F841 - read for the record
+    if s.mode == "unsupervised":
+        topics = _texts(root / s.topics, "topic", "dct.seeds.topics")
+        backend = open_backend(params, root, "models/base", batch_size)
+        rows = dct.seeds_from_topics(topics, _claim_generator(backend, s), s.claims_per_topic, params.seed)
+    elif s.mode == "supervised":
+        rows = dct.seed_rows_from_claims(load_claims(root / s.claims, "dct.seeds.claims"), True, "supervised")
+    elif s.mode == "transductive":  # the evaluation's claims, their labels never read
+        rows = dct.seed_rows_from_claims(load_claims(root / eval_claims, "evaluate.claims"), False,
+                                         "transductive")
+    else:
+        rows = dct.seed_rows_from_documents([{"text": t} for t in _texts(root / s.documents, "text",
+                                                                           "dct.seeds.documents")])
+    rows = dct.limit_seeds(rows, s.max_seeds, params.seed)
+    if not rows:
+        raise UserError(f"dct_seed: the model wrote no usable claim for the topics in {s.topics}; raise "
+                        "dct.seeds.max_new_tokens or dct.seeds.claims_per_topic")
+    write_jsonl(root / DATA / "seeds.jsonl", rows)
+    mlflow.log_metrics({"seeds": len(rows), "fixed_seeds": sum(r["fixed"] for r in rows)})
+
+
+def run_expand(params: Any, root: Path, key: str | None) -> None:
+    e = params.dct.expand.value()  # validity_threshold matters only with validate: declared and read whole
+    seeds = read_jsonl(root / DATA / "seeds.jsonl")
+    backend = open_backend(params, root, "models/base", params.dct.batch_size)
+    graphs = dct.build_graphs(seeds, _claim_generator(backend, e), e.num_implied, e.num_contradicted, params.seed)
+    pruned = 0
+    if e.validate:
+        from closedloop.label_scoring import score_labels
+
+        def p_valid(chats: list[list[dict]]) -> list[float]:
+            return [p[0] for p in score_labels(backend.model, backend.tokenizer, chats, [" yes", " no"],
+                                               params.dct.batch_size)]
+
+        graphs, pruned = dct.prune_invalid(graphs, p_valid, e.validity_threshold)
+    write_jsonl(root / DATA / "graphs.jsonl", graphs)
+    edges = sum(len(g["edges"]) for g in graphs)
+    mlflow.log_metrics({"graphs": len(graphs), "nodes": sum(len(g["nodes"]) for g in graphs), "edges": edges,
+                        "edges_pruned": pruned, "graphs_without_edges": sum(not g["edges"] for g in graphs)})
+
+
+def _score_nodes(params: Any, root: Path, model_dir: str, graphs: list[dict]) -> list[list[float]]:
+    """P(true) of every node of every graph under the model at model_dir (each distinct text once)."""
+    from closedloop.evaluate.fact_verification import p_true
+    from closedloop.models import load_model
+
+    model, tok = load_model(root / model_dir, dtype=params.model.dtype,
+                            trust_remote_code=params.model.trust_remote_code)
+    texts = sorted({n["text"] for g in graphs for n in g["nodes"]})
+    probs = dict(zip(texts, p_true(model, tok, texts, params.evaluate.claim_format, params.dct.batch_size)))
+    return [[probs[n["text"]] for n in g["nodes"]] for g in graphs]
+
+
+def run_score(params: Any, root: Path, key: str | None) -> None:
+    graphs = read_jsonl(root / DATA / "graphs.jsonl")
+    probs = _score_nodes(params, root, "models/base", graphs)
+    scored = [{**g, "nodes": [{**n, "p_true": p} for n, p in zip(g["nodes"], ps)]} for g, ps in zip(graphs, probs)]
+    write_jsonl(root / DATA / "scored.jsonl", scored)
+    flat = [p for ps in probs for p in ps]
+    mlflow.log_metrics({"nodes": len(flat), "mean_p_true": sum(flat) / max(1, len(flat)),
+                        "own_true_fraction": sum(p >= 0.5 for p in flat) / max(1, len(flat))})
+
+
+def run_solve(params: Any, root: Path, key: str | None) -> None:
+    import pandas as pd
+
+    c = params.dct.consistency
+    graphs = read_jsonl(root / DATA / "scored.jsonl")
+    start = time.perf_counter()
+    solved, stats = [], []
+    for g in graphs:
+        try:
+            out, st = dct.solve_graph(g, c.max_nodes, c.oversize)
+        except UserError as err:
+            raise UserError(f"{DATA / 'scored.jsonl'}: {err}") from None
+        solved.append(out)
+        stats.append(st)
+    seconds = time.perf_counter() - start
+    edges = sum(s["edges"] for s in stats)
+    free = sum(s["free_nodes"] for s in stats)
+    metrics = {
+        "graphs": len(stats), "nodes": sum(s["nodes"] for s in stats), "edges": edges,
+        "flips": sum(s["flips"] for s in stats),
+        "flip_rate": sum(s["flips"] for s in stats) / max(1, free),  # of the nodes whose label was free
+        "coherence_before": sum(s["consistent_before"] for s in stats) / max(1, len(stats)),
+        "edge_satisfaction_before": sum(s["satisfied_before"] for s in stats) / max(1, edges),
+        "edges_dropped_by_split": sum(s["edges_dropped_by_split"] for s in stats),
+        "max_graph_nodes": max((s["nodes"] for s in stats), default=0),
+        "solve_seconds": seconds,
+    }
+    write_jsonl(root / DATA / "solved.jsonl", solved)
+    write_json(root / DATA / "solve_metrics.json", metrics)
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(root / DATA / "solved.jsonl"), artifact_path="graphs")
+    mlflow.log_table(pd.DataFrame(stats), "graph_summary.json")
+
+
+def run_train(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.evaluate.fact_verification import training_example
+    from closedloop.feedback.sft import train_sft
+
+    rows = dct.training_rows(read_jsonl(root / DATA / "solved.jsonl"))
+    if not rows:
+        raise UserError(f"{DATA / 'solved.jsonl'}: no claims to train on; check dct_expand's output")
+    fmt = params.evaluate.claim_format
+    labelled = dct.balance(rows) if params.dct.balance_labels else rows
+    examples = [training_example(r["claim"], r["label"], fmt) for r in labelled]
+    with atomic_dir(root / "models/dct") as tmp:
+        metrics = train_sft(root / "models/base", examples, tmp, params.dct.sft.value(), seed=params.seed,
+                            dtype=params.model.dtype)
+        for step, loss in metrics.pop("loss_history"):
+            mlflow.log_metric("train_loss", loss, step=step)
+        if (tmp / "adapter").is_dir():
+            mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
+    metrics["true_fraction"] = sum(r["label"] for r in rows) / len(rows)
+    write_json(root / DATA / "train_metrics.json", metrics)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def run_coherence(params: Any, root: Path, key: str | None) -> None:
+    """Coherence before (models/base, from dct_score) and after (models/dct) on the same graphs: the
+    share of graphs whose own labels satisfy every edge, with a paired bootstrap difference."""
+    import pandas as pd
+
+    from closedloop.evaluate.bootstrap import paired_difference, ratio_interval
+
+    graphs = [g for g in read_jsonl(root / DATA / "solved.jsonl") if g["edges"]]
+    if not graphs:
+        raise UserError(f"{DATA / 'solved.jsonl'}: no graph has an edge; coherence is undefined")
+    after = _score_nodes(params, root, "models/dct", graphs)
+    before_sat = dct.coherence(graphs, lambda g: [n["own"] for n in g["nodes"]])
+    own_after = {g["graph"]: [p >= 0.5 for p in ps] for g, ps in zip(graphs, after)}
+    after_sat = dct.coherence(graphs, lambda g: own_after[g["graph"]])
+    ones = [1.0] * len(graphs)
+    before_ok = [float(s == n) for s, n in before_sat]
+    after_ok = [float(s == n) for s, n in after_sat]
+    b, seed = params.evaluate.bootstrap, params.seed
+    diff = paired_difference(after_ok, ones, before_ok, ones, b, seed)
+    agree = sum(o == n["assigned"] for g in graphs for o, n in zip(own_after[g["graph"]], g["nodes"]))
+    nodes = sum(len(g["nodes"]) for g in graphs)
+    metrics = {
+        "coherence_before": ratio_interval(before_ok, ones, b, seed)["value"],
+        "coherence_after": ratio_interval(after_ok, ones, b, seed)["value"],
+        "coherence_diff": diff["value"], "coherence_diff_ci_low": diff["ci_low"],
+        "coherence_diff_ci_high": diff["ci_high"],
+        "edge_satisfaction_before": sum(s for s, _ in before_sat) / sum(n for _, n in before_sat),
+        "edge_satisfaction_after": sum(s for s, _ in after_sat) / sum(n for _, n in after_sat),
+        "assignment_agreement_after": agree / nodes,  # how much of the chosen labelling the model learned
+        # all-false satisfies every graph: these show whether coherence came from answering "false"
+        "own_true_fraction_before": sum(n["own"] for g in graphs for n in g["nodes"]) / nodes,
+        "own_true_fraction_after": sum(sum(v) for v in own_after.values()) / nodes,
+        "graphs": len(graphs),
+    }
+    write_json(root / DATA / "coherence_metrics.json", metrics)
+    mlflow.log_metrics(metrics)
+    mlflow.log_table(pd.DataFrame([
+        {"graph": g["graph"], "nodes": len(g["nodes"]), "edges": len(g["edges"]),
+         "flips": sum(n["own"] != n["assigned"] for n in g["nodes"] if not n["fixed"]),
+         "consistent_before": bool(bo), "consistent_after": bool(ao)}
+        for g, bo, ao in zip(graphs, before_ok, after_ok)]), "graph_summary.json")
+
+
+STAGES = {"dct_seed": run_seed, "dct_expand": run_expand, "dct_score": run_score, "dct_solve": run_solve,
+          "dct_train": run_train, "dct_coherence": run_coherence}
