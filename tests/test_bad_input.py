@@ -187,7 +187,7 @@ CASES = [
     Case("claims-no-claim", EVAL, ["evaluate.claims", "claims.jsonl:1", "claim"],
          params={"evaluate": {"claims": "{tmp}/claims.jsonl"}}, files={"claims.jsonl": '{"label": true}\n'}),
     Case("dct-topics-bad-line", ["closedloop", "stage", "dct_seed"], ["dct.seeds.topics", "topics.jsonl:2", "topic"],
-         params={"dct": {"seeds": {"topics": "{tmp}/topics.jsonl"}}},
+         params={"dct": {"seeds": {"mode": "unsupervised", "topics": "{tmp}/topics.jsonl"}}},
          files={"topics.jsonl": '{"topic": "numbers"}\n{"name": "months"}\n'}),
     Case("dct-documents-empty", ["closedloop", "stage", "dct_seed"], ["dct.seeds.documents", "docs.jsonl", "no lines"],
          params={"dct": {"seeds": {"mode": "update", "documents": "{tmp}/docs.jsonl"}}}, files={"docs.jsonl": ""}),

@@ -25,7 +25,7 @@ def spar_project(tmp_path_factory, tiny_model_dir, prefect_home):
 
 def test_one_iteration_through_the_flow(spar_project):
     root, env, proc = spar_project
-    expected = {"base", "prepare", "spar_init", "eval@spar-it1"} | {f"{s}@it1" for s in STEPS}
+    expected = {"base", "prepare", "facts", "spar_init", "eval@spar-it1"} | {f"{s}@it1" for s in STEPS}
     assert stages_run(proc) == expected
     parents, children = pipeline_runs(root)
     nested = children[parents[-1].info.run_id]
