@@ -1,6 +1,6 @@
 """End to end, no mocks: DCT on a tiny from-config model through the Prefect flow (`--target dct`),
-with MLflow runs per stage and DVC outputs: unsupervised, then supervised and update modes, each
-rerunning from its seeds on."""
+with MLflow runs per stage and DVC outputs: unsupervised, then the update mode rerunning from its
+seeds on. The supervised mode (the default) runs in the whole-graph test (test_e2e_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -58,18 +58,6 @@ def test_dct_branch_through_the_flow(dct_project):
     # the shared evaluation scored the DCT model on the held-out claims
     metrics = json.loads((root / "data/eval/dct/metrics.json").read_text())
     assert 0.0 <= metrics["fact_accuracy"] <= 1.0 and metrics["fact_verification_examples"] > 0
-
-
-def test_supervised_mode_fixes_seed_labels(dct_project):
-    root, env, _ = dct_project
-    set_params(root, {"dct": {"seeds": {"mode": "supervised"}}})
-    proc = run_flow(root, env, "--target", "dct")
-    assert stages_run(proc) == STEPS | {"eval@dct"}  # the shared stages before it are up to date
-    train = {r["claim"]: r["label"] for r in _rows(root / "data/facts/train.jsonl")}
-    graphs = _rows(root / "data/dct/solved.jsonl")
-    for g in graphs:
-        seed = g["nodes"][0]
-        assert seed["fixed"] and seed["assigned"] == seed["label"] == train[seed["text"]]
 
 
 def test_update_mode_takes_documents_as_true_and_evaluates_on_their_questions(dct_project):

@@ -116,6 +116,11 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert "generations.json" in {a.path for a in client.list_artifacts(by_stage["eval@rft"].info.run_id)}
     assert {"report.md", "instruction_following.png"} <= {
         a.path for a in client.list_artifacts(by_stage["compare"].info.run_id)}
+    # DCT, supervised (the default): every seed keeps its labelled truth through the solver
+    train = {r["claim"]: r["label"] for r in map(json.loads, (root / "data/facts/train.jsonl").read_text().splitlines())}
+    for graph in map(json.loads, (root / "data/dct/solved.jsonl").read_text().splitlines()):
+        seed = graph["nodes"][0]
+        assert seed["fixed"] and seed["assigned"] == seed["label"] == train[seed["text"]]
     # the held-out set is the IFEval subset, and the metrics file is what DVC reads
     metrics = dvc(root, env, "metrics", "show", "--json")
     assert "prompt_level_strict" in metrics
