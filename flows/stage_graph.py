@@ -70,8 +70,9 @@ def resolve_targets(graph: dict[str, list[str]], methods: dict[str, str], target
 
     A target is a stage name (`eval@rft`), a foreach group (`eval` = every eval@*), or a method
     name from dvc.yaml's `meta.method`: its own stages plus the shared stages downstream of them
-    (its evaluation, the comparison) whose other inputs are up to date, so `--target rft` never
-    runs another method's stages."""
+    (its evaluation, the comparison) whose other inputs are up to date or built by the method's
+    own stages' ancestry anyway, so `--target rft` never runs another method's stages beyond what
+    the method itself reads."""
     selected: set[str] = set()
     for t in targets:
         named = {s for s in graph if s == t or s.partition("@")[0] == t}
@@ -81,11 +82,13 @@ def resolve_targets(graph: dict[str, list[str]], methods: dict[str, str], target
                             f"{', '.join(sorted(set(methods.values())))}; stages: {', '.join(graph)})")
         selected |= named | own
         if own:
+            needed = _ancestry(graph, own)  # what the method's stages run anyway
             for s in graph:
                 if methods[s] != "shared" or s in selected:
                     continue
                 ancestry = _ancestry(graph, {s}) - {s}
-                if ancestry & own and all(methods[a] in ("shared", t) or a not in stale for a in ancestry):
+                if ancestry & own and all(methods[a] in ("shared", t) or a not in stale or a in needed
+                                          for a in ancestry):
                     selected.add(s)
     return selected
 

@@ -19,6 +19,15 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Two test processes share the 2 cores (pytest -n 2): one compute thread each, since two torch
+# processes with two threads each oversubscribe the cores, and OpenMP's spin-waits then make every
+# op many times slower. The tiny models gain nothing from a second thread anyway.
+if os.environ.get("PYTEST_XDIST_WORKER"):  # every subprocess (stages, flows) inherits these
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def project_files() -> list[str]:
@@ -97,5 +106,34 @@ TINY_PARAMS = {
         "expand": {"num_implied": 1, "num_contradicted": 1, "max_new_tokens": 12},
         "batch_size": 8,
         "sft": {"epochs": 1, "batch_size": 4, "max_length": 512, "lora": {"r": 4, "alpha": 8}},
+    },
+    "spct": {
+        # the seed pairs: a tiny model's samples rarely differ in rule score, so `rules` may find no pair
+        "data": {"source": "pairs", "max_train": 6, "max_eval": 4, "max_chars": 60},
+        # labels (the default): the saved tiny model's tokenizer splits digits, so the box is read by
+        # label scoring (parsing a random model's text never finds a box: no trajectory would survive)
+        "grm": {"principles_tokens": 4, "critique_tokens": 4},
+        "rejective": {"num_samples": 3},
+        "sft": {"batch_size": 4, "max_length": 512, "lora": {"r": 4, "alpha": 8}},
+        "grpo": {"num_generations": 2, "batch_size": 2, "max_steps": 2, "max_completion_length": 8,
+                 "lora": {"r": 4, "alpha": 8}},
+        "rm": {"batch_size": 2, "lora": {"r": 4, "alpha": 8}},
+        "eval": {"votes": [1, 2, 4], "max_examples": 4, "best_of_n": [1, 2], "best_of_n_prompts": 3},
+        "batch_size": 8,
+    },
+    "rlhf": {
+        # the seed pairs: a tiny model's samples rarely differ in rule score (as for SPCT)
+        "prefs": {"source": "pairs", "max_pairs": 8, "max_chars": 60},
+        "rm": {"batch_size": 2, "max_length": 256, "lora": {"r": 4, "alpha": 8}},
+        "policy": {"max_prompts": 4, "ppo": {"rollout_batch_size": 2, "batch_size": 2, "max_steps": 2,
+                                             "num_ppo_epochs": 1, "max_new_tokens": 8, "lora": {"r": 4, "alpha": 8}}},
+        "eval": {"max_prompts": 4, "kl_max_new_tokens": 8},
+        "batch_size": 8,
+    },
+    "proxy": {
+        "small": {"keep_every": 2, "max_prompts": 4, "max_new_tokens": 8,
+                  "sft": {"epochs": 1, "batch_size": 4, "max_length": 128}},
+        "expert_sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}},
+        "speed_prompts": 2, "speed_tokens": 4, "batch_size": 8,
     },
 }

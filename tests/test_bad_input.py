@@ -196,7 +196,46 @@ CASES = [
          edit=scored_graph(5, [[0, i, "implies"] for i in range(1, 5)])),
     Case("dct-infeasible-fixed-labels", SOLVE, ["scored.jsonl", "g0000", "fixed"],
          edit=scored_graph(2, [[0, 1, "contradicts"]], fixed={0: True, 1: True})),
+    Case("params-spct-no-votes", PARAMS, ["params.yaml", "spct.eval.votes"], params={"spct": {"eval": {"votes": []}}}),
+    Case("params-spct-unknown-selector", PARAMS, ["params.yaml", "spct.eval.selectors", "oracle"],
+         params={"spct": {"eval": {"selectors": ["oracle"]}}}),
+    Case("params-spct-grpo-group", PARAMS, ["params.yaml", "spct.grpo.batch_size", "num_generations"],
+         params={"spct": {"grpo": {"batch_size": 3, "num_generations": 2}}}),
+    Case("spct-pairs-bad-line", ["closedloop", "stage", "spct_data"], ["spct.data.pairs", "pairs.jsonl:2", "rejected"],
+         params={"spct": {"data": {"source": "pairs", "pairs": "{tmp}/pairs.jsonl"}}},
+         files={"pairs.jsonl": '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q2", "chosen": "a"}\n'}),
+    Case("spct-samples-no-score", ["closedloop", "stage", "spct_data"], ["spct.data.samples", "s.jsonl:1", "score"],
+         params={"spct": {"data": {"source": "rules", "samples": "{tmp}/s.jsonl"}}},
+         files={"s.jsonl": '{"key": "a", "prompt": "q", "response": "r"}\n'}),
+    Case("params-rlhf-ppo-minibatch", PARAMS, ["params.yaml", "rlhf.policy.ppo.batch_size", "mini-batch"],
+         params={"rlhf": {"policy": {"ppo": {"rollout_batch_size": 8, "batch_size": 3}}}}),
+    Case("params-rlhf-algorithm", PARAMS, ["params.yaml", "rlhf.policy.algorithm", "'ppo'"],
+         params={"rlhf": {"policy": {"algorithm": "dpo"}}}),
+    Case("params-rlhf-kl-estimator", PARAMS, ["params.yaml", "rlhf.policy.ppo.kl_estimator", "'k3'"],
+         params={"rlhf": {"policy": {"ppo": {"kl_estimator": "k2"}}}}),
+    Case("rlhf-pairs-bad-line", ["closedloop", "stage", "rlhf_prefs"], ["rlhf.prefs.pairs", "pairs.jsonl:2", "rejected"],
+         params={"rlhf": {"prefs": {"source": "pairs", "pairs": "{tmp}/pairs.jsonl"}}},
+         files={"pairs.jsonl": '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q2", "chosen": "a"}\n'}),
+    Case("rlhf-samples-no-score", ["closedloop", "stage", "rlhf_prefs"], ["rlhf.prefs.samples", "s.jsonl:1", "score"],
+         params={"rlhf": {"prefs": {"source": "rules", "samples": "{tmp}/s.jsonl"}}},
+         files={"s.jsonl": '{"key": "a", "prompt": "q", "response": "r"}\n'}),
+    Case("params-proxy-template", PARAMS, ["params.yaml", "proxy.templates", "chat or raw"],
+         params={"proxy": {"templates": {"base": "fancy"}}}),
+    Case("params-proxy-no-alphas", PARAMS, ["params.yaml", "proxy.alphas", "non-empty"], params={"proxy": {"alphas": []}}),
+    Case("proxy-vocabulary-mismatch", ["closedloop", "stage", "proxy_eval"],
+         ["proxy anti_expert", "tokenizer differs", "shared vocabulary"],
+         params={"proxy": {"base": "models/base", "expert": "models/base", "anti_expert": "{tmp}/other"}},
+         edit=lambda root, tmp: other_vocabulary_model(tmp / "other")),
 ]
+
+
+def other_vocabulary_model(path: Path) -> None:
+    """A tiny checkpoint whose tokenizer is not the project's (the project's splits digits: this one has none)."""
+    from tiny_model import make_tiny_model_and_tokenizer
+
+    model, tok = make_tiny_model_and_tokenizer(split_digits=False)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

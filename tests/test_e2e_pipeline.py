@@ -25,9 +25,14 @@ RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval@
 SPAR_STAGES = {"spar_init", "eval@spar-it1"} | {f"spar_{s}@it1" for s in ("sample", "judge", "refine", "pairs", "actor",
                                                                           "refiner", "eval")}
 DCT_STAGES = {"facts", "eval@dct"} | {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "coherence")}
-ALL_STAGES = RFT_STAGES | SPAR_STAGES | DCT_STAGES
-# Every stage that loads a model, so every one that must rerun when model.dtype changes.
-MODEL_LOADERS = ALL_STAGES - {"prepare", "facts", "rft_verify", "spar_pairs@it1", "compare", "spar_init", "dct_solve"}
+SPCT_STAGES = {f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")}
+RLHF_STAGES = {"eval@rlhf"} | {f"rlhf_{s}" for s in ("prefs", "rm", "policy", "eval")}
+PROXY_STAGES = {"eval@proxy-expert"} | {f"proxy_{s}" for s in ("small", "expert", "eval")}
+ALL_STAGES = RFT_STAGES | SPAR_STAGES | DCT_STAGES | SPCT_STAGES | RLHF_STAGES | PROXY_STAGES
+# Every stage that loads a model, so every one that must rerun when model.dtype changes (rlhf_prefs:
+# its ai_feedback source's judge).
+MODEL_LOADERS = ALL_STAGES - {"prepare", "facts", "rft_verify", "spar_pairs@it1", "compare", "spar_init", "dct_solve",
+                              "spct_data"}
 LINEAGE = ("closedloop.git_commit", "closedloop.dvc_stage", "closedloop.dvc_lock_md5",
            "closedloop.prefect_flow_run_id", "closedloop.base_model")
 
@@ -81,7 +86,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     root, env, first = project
     assert stages_run(first) == ALL_STAGES
     assert "prompt_level_strict" in first.stdout  # the comparison report is printed
-    for row in ("| base |", "| rft |", "| spar-it1 |", "| dct |"):  # a row per model; SPAR's curve is its rows
+    for row in ("| base |", "| rft |", "| spar-it1 |", "| dct |", "| rlhf |", "| proxy-expert |", "| proxy-a1 |"):
         assert row in first.stdout
     assert "Δ " in first.stdout  # with paired differences against the base
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
@@ -98,7 +103,8 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
         assert run.data.tags["closedloop.prefect_flow_run_id"] == parent.data.tags["closedloop.prefect_flow_run_id"]
     by_stage = {r.data.tags["closedloop.dvc_stage"]: r for r in nested}
     # one evaluation for every model: the same metric names on every eval run (MLflow's compare view)
-    eval_metrics = [set(by_stage[s].data.metrics) for s in ("eval@base", "eval@rft", "eval@spar-it1", "eval@dct")]
+    eval_metrics = [set(by_stage[s].data.metrics) for s in ("eval@base", "eval@rft", "eval@spar-it1", "eval@dct",
+                                                            "eval@rlhf", "eval@proxy-expert")]
     assert {"prompt_level_strict_ci_low", "fact_accuracy_ci_low"} <= eval_metrics[0]
     assert all(m == eval_metrics[0] for m in eval_metrics)
     assert "rft/prompt_level_strict_diff_ci_low" in by_stage["compare"].data.metrics
@@ -121,6 +127,42 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     for graph in map(json.loads, (root / "data/dct/solved.jsonl").read_text().splitlines()):
         seed = graph["nodes"][0]
         assert seed["fixed"] and seed["assigned"] == seed["label"] == train[seed["text"]]
+    # SPCT: every judge is a row of the report's reward_accuracy table, paired against the base model
+    report = json.loads((root / "data/compare/report.json").read_text())["reward_accuracy"]
+    assert set(report["models"]) == {"base", "grm-rft", "grm", "grm-no-principles", "scalar-rm", "grm-vote4",
+                                     "grm-meta4"}
+    assert report["reference"] == "base" and "reward_accuracy" in report["models"]["grm"]["diff"]
+    assert "### reward_accuracy" in first.stdout
+    grpo = client.get_metric_history(by_stage["spct_grpo"].info.run_id, "reward")
+    assert [m.step for m in grpo] == [1, 2] and all(-1.0 <= m.value <= 1.0 for m in grpo)
+    spct_eval = by_stage["spct_eval"].data.metrics
+    assert {"accuracy/grm-vote4", "accuracy/scalar-rm", "parse_failure_rate/grm", "best_of_2/reward_model",
+            "best_of_2/generative_rm", "best_of_2/ifeval_rules"} <= set(spct_eval)
+    voting = json.loads((root / "data/spct/voting.json").read_text())
+    assert {(r["variant"], r["k"]) for r in voting} == {(v, k) for v in ("voting", "meta_rm_voting") for k in (1, 2, 4)}
+    assert "scaling.png" in {a.path for a in client.list_artifacts(by_stage["spct_eval"].info.run_id)}
+    assert (root / "models/spct/rm/model.safetensors").is_file() and (root / "models/spct/grm/model.safetensors").is_file()
+    # RLHF: PPO's per-step curves in MLflow, the RM's held-out accuracy, its win-rate table, the KL
+    ppo = by_stage["rlhf_policy"]
+    for name in ("score", "kl", "entropy", "response_length", "clip_frac", "value_loss", "approx_kl"):
+        assert [m.step for m in client.get_metric_history(ppo.info.run_id, name)] == [1, 2], name
+    assert abs(ppo.data.metrics["first_ratio_max_dev"]) < 1e-5  # the first mini-batch's ratio is exactly 1
+    assert 0.0 <= by_stage["rlhf_rm"].data.metrics["eval_pairwise_accuracy"] <= 1.0
+    rm_table = json.loads((root / "data/compare/report.json").read_text())["reward_model"]
+    assert set(rm_table["models"]) == {"base", "rft", "rlhf"} and rm_table["reference"] == "base"
+    assert rm_table["models"]["rft"]["metrics"]["win_rate_vs_sft"]["value"] == 0.5  # the SFT model against itself
+    assert "kl_to_sft" in by_stage["rlhf_eval"].data.metrics
+    assert (root / "models/rlhf/policy/model.safetensors").is_file()
+    # Proxy tuning: its rows join the instruction_following table, paired against the base
+    table = json.loads((root / "data/compare/report.json").read_text())["instruction_following"]
+    assert {"proxy-a0.5", "proxy-a1", "proxy-expert", "rft"} <= set(table["models"])
+    assert "prompt_level_strict" in table["models"]["proxy-a1"]["diff"]
+    assert {"proxy_tokens_per_second", "base_tokens_per_second", "tuned_gain", "proxy-a1/prompt_level_strict"} <= set(
+        by_stage["proxy_eval"].data.metrics)
+    gap = json.loads((root / "data/proxy/eval_metrics.json").read_text())  # NaN when the tuned model gained nothing
+    assert {"proxy-a0.5/gap_closed", "proxy-a1/gap_closed_ci_low", "proxy-a1/gap_closed_ci_high"} <= set(gap)
+    small = json.loads((root / "data/proxy/small_metrics.json").read_text())
+    assert small["layers"] == 1 and small["base_layers"] == 2  # every second layer of the 2-layer tiny model
     # the held-out set is the IFEval subset, and the metrics file is what DVC reads
     metrics = dvc(root, env, "metrics", "show", "--json")
     assert "prompt_level_strict" in metrics
@@ -203,7 +245,8 @@ def test_editing_a_file_a_param_names_reruns_the_stages_that_read_it(project):
     original = prompts.read_text(), weights.read_text()
     try:
         prompts.write_text(original[0] + "\n")  # the same rows, but not the same file
-        assert changed_stages(root, env) == {"eval@base", "eval@rft", "eval@spar-it1", "eval@dct"}
+        assert changed_stages(root, env) == {"eval@base", "eval@rft", "eval@spar-it1", "eval@dct", "eval@rlhf",
+                                             "eval@proxy-expert", "proxy_eval"}
         prompts.write_text(original[0])
         weights.write_text(original[1] + "\n")
         assert "base" in changed_stages(root, env)

@@ -167,6 +167,29 @@ def test_paired_interval_is_tighter_than_independent_ones():
     assert width_paired < (ia["ci_high"] - ia["ci_low"]) / 2
 
 
+def test_spct_target_runs_its_stages_and_what_they_read(graph):
+    """`--target spct` on the real graph: SPCT's six stages, plus the RFT samples its default data
+    source reads, never another method's training or evaluation."""
+    upstream, methods, _ = graph
+    order = execution_order(upstream, methods, ["spct"], set(upstream))  # a fresh clone: everything stale
+    spct = [s for s in order if methods[s] == "spct"]
+    assert spct == [f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")]
+    assert {"rft_sample", "rft_verify", "base"} <= set(order)
+    assert not {"rft_train", "eval@rft", "dct_train", "spar_actor@it1"} & set(order)
+
+
+def test_rlhf_and_proxy_targets_run_their_stages_and_what_they_read(graph):
+    upstream, methods, _ = graph
+    order = execution_order(upstream, methods, ["rlhf"], set(upstream))
+    assert [s for s in order if methods[s] == "rlhf"] == [f"rlhf_{s}" for s in ("prefs", "rm", "policy", "eval")]
+    assert {"rft_train", "eval@rft", "eval@base", "eval@rlhf"} <= set(order)  # the SFT model and the rows it judges
+    assert not {"spct_grpo", "dct_train", "spar_actor@it1", "proxy_eval"} & set(order)
+    order = execution_order(upstream, methods, ["proxy"], set(upstream))
+    assert [s for s in order if methods[s] == "proxy"] == [f"proxy_{s}" for s in ("small", "expert", "eval")]
+    assert {"rft_verify", "eval@rft", "eval@proxy-expert"} <= set(order)
+    assert not {"rlhf_policy", "spct_grpo", "dct_train"} & set(order)
+
+
 def test_compare_table_rows_diffs_and_breakdown():
     records = {"base": _records([1, 0, 0, 1]), "tuned": _records([1, 1, 0, 1])[::-1]}  # order does not matter
     result = compare_suite(records, ("acc",), "base", 200, 0)

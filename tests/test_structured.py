@@ -86,7 +86,30 @@ def test_segment_ends_at_stop_string_split_across_tokens(tiny, name):
     o = generate_scaffold(backend, [prompt], segs, SamplingParams(temperature=0.0, max_new_tokens=1))[0][0]
     cut = free.text[: free.text.index(header)].strip()
     assert o.segments[0] == cut and o.finish_reasons[0] == "stop"
-    assert o.text.startswith("A:" + free.text[: free.text.index(header)].rstrip() + "\n" + header)
+    so_far = "A:" + free.text[: free.text.index(header)].rstrip() + "\n" + header
+    assert o.text.startswith(so_far)
+    # Segment 2 continues exactly that text: on the engine the tokens past the cut left the cache
+    # (masked, positions rewound) and the rest of the text and the header were fed in their place.
+    after = backend.generate([continue_prompt(prompt, so_far)], SamplingParams(temperature=0.0, max_new_tokens=3))
+    assert o.segments[1] == after[0][0].text.strip()
+
+
+def test_engine_scaffold_prefills_each_distinct_prompt_once(tiny):
+    """The engine writes every segment in one loop (the text so far is never re-encoded), and equal
+    prompts in one call share a prefill."""
+    model, tok = tiny
+    segs = [Segment("Critique:", 4), Segment("Refined response:", 4), Segment("Score:", 2)]
+    prompts = [PROMPTS[1], PROMPTS[1], PROMPTS[0]]
+    engine = EngineBackend(model, tok, batch_size=8, show_progress=False)
+    out = generate_scaffold(engine, prompts, segs, SamplingParams(n=2, temperature=1.0, max_new_tokens=1, seed=1))
+    assert [len(o) for o in out] == [2, 2, 2]
+    assert len({o.text for outs in out[:2] for o in outs}) > 1  # duplicates are separate samples
+    widest = max(len(tok.encode(render_prompt(tok, continue_prompt(p, "Critique:")), add_special_tokens=False))
+                 for p in prompts)
+    assert engine.stats["prefill_tokens"] <= 2 * widest  # two distinct prompts, one padded prefill
+    hf = HFBackend(model, tok, batch_size=8, show_progress=False)
+    generate_scaffold(hf, prompts, segs, SamplingParams(n=2, temperature=1.0, max_new_tokens=1, seed=1))
+    assert hf.stats["prefill_tokens"] > 3 * engine.stats["prefill_tokens"]  # re-encoded per segment
 
 
 def test_prefill_rendering_and_validation(tiny):

@@ -22,9 +22,12 @@ CORPUS = [
     "write a short poem about the sea and the sky",
     "is the claim true or false ? answer : true . answer : false .",  # DCT and fact verification's labels
 ]
+# SPCT's boxed scores, one token per digit (only for split_digits: a larger vocabulary changes every
+# random output, and the engine tests pin those)
+DIGITS_LINE = "scores : \\ boxed { 1 , 2 , 3 , 4 , 5 , 6 , 7 , 8 , 9 , 0 }"
 
 
-def make_tiny_model_and_tokenizer(seed: int = 0):
+def make_tiny_model_and_tokenizer(seed: int = 0, split_digits: bool = False):
     """A 2-layer Llama and a WordLevel tokenizer with a ChatML template, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -32,7 +35,11 @@ def make_tiny_model_and_tokenizer(seed: int = 0):
     specials = ["<unk>", "<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=specials))
+    if split_digits:  # digits one by one, as SmolLM2's tokenizer splits them (the GRM reads scores so)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                     pre_tokenizers.Digits(individual_digits=True)])
+    corpus = CORPUS + ([DIGITS_LINE] if split_digits else [])
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -61,9 +68,10 @@ def make_tiny_model_and_tokenizer(seed: int = 0):
     return model, tokenizer
 
 
-def save_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Write the tiny model as a safetensors checkpoint directory usable as `model.base`."""
-    model, tokenizer = make_tiny_model_and_tokenizer(seed)
+def save_tiny_model(path: Path, seed: int = 0, split_digits: bool = True) -> Path:
+    """Write the tiny model as a safetensors checkpoint directory usable as `model.base`: digits one
+    token each by default, as SmolLM2's tokenizer writes them (SPCT label-scores its boxed scores)."""
+    model, tokenizer = make_tiny_model_and_tokenizer(seed, split_digits=split_digits)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

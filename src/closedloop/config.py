@@ -198,6 +198,88 @@ class DPOParams(TrainParams):
     max_length: int = field(default=1024, metadata=bounds(ge=8, le=1_000_000))
 
 
+@dataclass
+class RewardParams(TrainParams):
+    """A scalar Bradley-Terry reward model (TRL RewardTrainer): LoRA plus a fully trained score head."""
+    learning_rate: float = field(default=1e-4, metadata=bounds(gt=0.0, le=1.0))
+    epochs: float = field(default=1.0, metadata=bounds(gt=0.0, le=10_000))
+    batch_size: int = field(default=4, metadata=bounds(ge=1, le=4096))
+    max_length: int = field(default=1024, metadata=bounds(ge=8, le=1_000_000))  # longer pairs are dropped (TRL)
+
+
+@dataclass
+class GRPOParams(TrainParams):
+    """Online RL with group-relative advantages (TRL GRPOTrainer). `batch_size` counts completions
+    (TRL's per_device_train_batch_size): batch_size * grad_accum must be a multiple of num_generations."""
+    # KL coefficient to the starting model. TRL's default is 0 (no KL, no reference model); SPCT
+    # uses 0.08, so this defaults to 0.08.
+    beta: float = field(default=0.08, metadata=bounds(ge=0.0, le=100.0))
+    num_generations: int = field(default=4, metadata=bounds(ge=2, le=1024))  # the group per prompt
+    max_completion_length: int = field(default=64, metadata=bounds(ge=1, le=1_000_000))
+    temperature: float = field(default=1.0, metadata=bounds(gt=0.0, le=10.0))
+    top_p: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
+    max_steps: int = field(default=2, metadata=bounds(ge=1))  # optimiser steps (overrides epochs)
+    clip: float = field(default=0.2, metadata=bounds(gt=0.0, le=10.0))  # PPO-style ratio clip epsilon
+    learning_rate: float = field(default=5e-5, metadata=bounds(gt=0.0, le=1.0))
+    batch_size: int = field(default=4, metadata=bounds(ge=1, le=4096))
+    epochs: float = field(default=1.0, metadata=bounds(gt=0.0, le=10_000))  # max_steps decides the length
+    max_length: int = field(default=1024, metadata=bounds(ge=8, le=1_000_000))  # unused: prompts are not cut
+
+    def __post_init__(self) -> None:
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise FieldError("batch_size", f"expected batch_size * grad_accum to be a multiple of num_generations "
+                                           f"({self.num_generations}), got {self.batch_size} * {self.grad_accum}")
+
+
+@dataclass
+class PPOParams(TrainParams):
+    """PPO (InstructGPT-style RLHF). `batch_size` is the micro-batch of one forward/backward;
+    each mini-batch (`rollout_batch_size / num_mini_batches` rollouts) must be exactly
+    `batch_size * grad_accum`, one optimizer step (TRL's rule, written the other way round)."""
+    # Coefficient of the per-token KL penalty to the reference policy (TRL 0.19's default 0.05).
+    kl_coef: float = field(default=0.05, metadata=bounds(ge=0.0, le=100.0))
+    # k1: log p - log p_ref (unbiased, can be negative per token); k3: (r - 1) - log r with
+    # r = p_ref / p (unbiased, always >= 0, lower variance). TRL's default is k1.
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    clip: float = field(default=0.2, metadata=bounds(gt=0.0, le=10.0))  # policy ratio clip epsilon
+    clip_value: float = field(default=0.2, metadata=bounds(gt=0.0, le=1e6))  # value clip around the rollout's values
+    vf_coef: float = field(default=0.1, metadata=bounds(ge=0.0, le=100.0))  # value loss weight (TRL 0.19)
+    gamma: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # discount (1: the episode is one response)
+    lam: float = field(default=0.95, metadata=bounds(ge=0.0, le=1.0))  # GAE lambda
+    num_ppo_epochs: int = field(default=4, metadata=bounds(ge=1, le=1000))  # passes over each rollout batch
+    num_mini_batches: int = field(default=1, metadata=bounds(ge=1, le=4096))  # optimizer steps per pass
+    rollout_batch_size: int = field(default=8, metadata=bounds(ge=1, le=65536))  # prompts per PPO step
+    max_steps: int = field(default=4, metadata=bounds(ge=1))  # PPO steps (rollout + update); overrides epochs
+    max_new_tokens: int = field(default=48, metadata=bounds(ge=1, le=1_000_000))  # response length cap
+    # Rollout sampling temperature; log-probs are recomputed at the same temperature (TRL 0.19's
+    # default 0.7). Must be > 0: PPO needs the sampling distribution's probabilities.
+    temperature: float = field(default=0.7, metadata=bounds(gt=0.0, le=10.0))
+    # Nucleus for sampling. The log-probs are those of the full tempered softmax (as TRL), so keep
+    # 1.0 unless the nucleus's bias is wanted.
+    top_p: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
+    whiten_rewards: bool = False  # whiten per-token rewards (scale only) before GAE; advantages always are
+    # A response without EOS scores `score - missing_eos_penalty` (TRL 0.19); None: no penalty.
+    missing_eos_penalty: float | None = field(default=None, metadata=bounds(ge=0.0))
+    max_grad_norm: float = field(default=1.0, metadata=bounds(gt=0.0))  # clip the global gradient norm
+    # LoRA: 10x TRL's full fine-tune default (3e-6), as the project's other online trainer (GRPO).
+    learning_rate: float = field(default=5e-5, metadata=bounds(gt=0.0, le=1.0))
+    batch_size: int = field(default=8, metadata=bounds(ge=1, le=4096))  # micro-batch (see the class doc)
+    epochs: float = field(default=1.0, metadata=bounds(gt=0.0, le=10_000))  # unused: max_steps decides
+    max_length: int = field(default=1024, metadata=bounds(ge=8, le=1_000_000))  # unused: prompts are not cut
+
+    def __post_init__(self) -> None:
+        if self.kl_estimator not in ("k1", "k3"):
+            raise FieldError("kl_estimator", f"expected one of 'k1', 'k3', got {self.kl_estimator!r}")
+        if self.rollout_batch_size % self.num_mini_batches:
+            raise FieldError("rollout_batch_size", f"expected a multiple of num_mini_batches ({self.num_mini_batches}),"
+                                                   f" got {self.rollout_batch_size}")
+        mini = self.rollout_batch_size // self.num_mini_batches
+        if self.batch_size * self.grad_accum != mini:
+            raise FieldError("batch_size", f"expected batch_size * grad_accum to equal the mini-batch "
+                                           f"(rollout_batch_size / num_mini_batches = {mini}), "
+                                           f"got {self.batch_size} * {self.grad_accum}")
+
+
 SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "prepare": PrepareParams, "facts": FactsParams,
                                     "evaluate": EvaluateParams, "tracking": TrackingParams}
 

@@ -49,7 +49,7 @@ Prompt = Union[list[dict], str]
 
 # The backend stages use (`stages.common.open_backend`): make_backend(DEFAULT_BACKEND, model, tok, ...).
 DEFAULT_BACKEND = "engine"
-BACKENDS = ("engine", "hf", "vllm")
+BACKENDS = ("engine", "hf", "proxy", "vllm")
 
 # End-of-turn markers of common chat templates. One counts as a stop token only if the
 # tokenizer's template mentions it and it is a single token in the vocabulary.
@@ -107,6 +107,16 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     if prompt and prompt[-1].get("role") == "assistant":
         return tokenizer.apply_chat_template(prompt, tokenize=False, continue_final_message=True)
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def raw_prompt(prompt: Prompt) -> str:
+    """A prompt as plain text, no chat template: the messages' contents, a blank line apart; a
+    response prefill (a final assistant message) continues on the next line. A string passes through."""
+    if isinstance(prompt, str):
+        return prompt
+    head = [m["content"] for m in prompt if m.get("role") != "assistant" or m is not prompt[-1]]
+    tail = prompt[-1]["content"] if prompt and prompt[-1].get("role") == "assistant" else ""
+    return "\n\n".join(head) + "\n" + tail
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
@@ -338,12 +348,18 @@ def make_backend(name: str, model: Any, tokenizer: Any, **kw: Any) -> Generation
     """Backend by name, constructed as `Backend(model, tokenizer, **kw)`.
 
     "engine": `closedloop.engine.EngineBackend` (DEFAULT_BACKEND; `model` may be a list of models
-    with a `combine=` callable), "hf": `HFBackend` (the reference), "vllm": a hook that raises.
+    with a `combine=` callable), "proxy": the engine with proxy tuning's combination (`model` =
+    [base, expert, anti_expert], `alphas=[...]`), "hf": `HFBackend` (the reference), "vllm": a hook
+    that raises.
     """
     if name == "engine":
         from closedloop.engine import EngineBackend  # the engine imports this module
 
         return EngineBackend(model, tokenizer, **kw)
+    if name == "proxy":  # model: [base, expert, anti_expert, ...]; kw: alphas, templates (engine/proxy.py)
+        from closedloop.engine.proxy import proxy_backend
+
+        return proxy_backend(model, tokenizer, **kw)
     if name == "hf":
         return HFBackend(model, tokenizer, **kw)
     if name == "vllm":

@@ -6,11 +6,13 @@ until the next header (a stop string), its token limit or end of turn; then the 
 appended and segment 2 is generated, and so on. The format therefore holds by construction,
 whatever the model writes. Each segment has its own token limit and extra stop strings.
 
-Batched and backend-agnostic: each segment is one `backend.generate` call over every live branch,
-so it runs on any GenerationBackend honouring `SamplingParams.stop` and response prefill (both
-shipped backends do). The n samples per prompt branch at segment 1; each then continues its own
-text (n=1 per later call). A later segment re-encodes the text so far as a new prompt (no KV reuse
-across segments): the model continues from the same text, tokenised afresh.
+Batched and backend-agnostic. A backend with its own `generate_scaffold` (the engine) writes every
+segment in one decode loop, feeding each header as forced tokens (no re-encoding). On any other
+GenerationBackend honouring `SamplingParams.stop` and response prefill (the HF reference), each
+segment is one `backend.generate` call over every live branch, and a later segment re-encodes the
+text so far as a new prompt. Either way the n samples per prompt branch at segment 1, each then
+continues its own text, and the answer text is built the same way: segment text (cut at its stop,
+trailing blanks dropped), separator, next header.
 
 Chat prompts get the answer so far as a final assistant message (rendered with
 `continue_final_message`); raw-text prompts get it appended to the string.
@@ -19,7 +21,7 @@ Chat prompts get the answer so far as a final assistant message (rendered with
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 from closedloop.errors import UserError
 from closedloop.generate import GenerationBackend, Prompt, SamplingParams
@@ -38,6 +40,7 @@ class ScaffoldOutput:
     segments: list[str]  # each segment's generated text (stop string and surrounding blanks removed)
     num_tokens: int  # generated tokens over all segments
     finish_reasons: list[str]  # per segment: "stop" (next header / stop string / end of turn) or "length"
+    read: Any = None  # the engine's reader after the last segment, when one was asked for
 
 
 def continue_prompt(prompt: Prompt, answer: str) -> Prompt:
@@ -60,6 +63,9 @@ def generate_scaffold(backend: GenerationBackend, prompts: Sequence[Prompt], seg
         raise UserError("scaffold: at least one segment is needed")
     if params.stop:
         raise UserError("scaffold: give stop strings per Segment, not in SamplingParams")
+    native = getattr(backend, "generate_scaffold", None)
+    if native is not None:
+        return native(prompts, segments, params, separator)
     # branch b = (prompt index, answer so far, per-segment texts, tokens, finish reasons)
     answers: list[str] = []
     owners: list[int] = []

@@ -31,5 +31,21 @@ def copy_model(src: Path, dst: Path) -> None:
                     shutil.copy2(f, tmp / f.name)
 
 
+def scored_samples(path: Path, where: str) -> list[dict]:
+    """Sampled responses with a verifier's score (e.g. RFT's data/rft/scored.jsonl), checked line by line."""
+    from closedloop.errors import UserError
+    from closedloop.io import iter_jsonl
+
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        missing = [k for k in ("key", "prompt", "response", "score") if not isinstance(row, dict) or k not in row]
+        if missing or not isinstance(row["score"], (int, float)) or isinstance(row["score"], bool):
+            raise UserError(f"{where}: {path.name}:{lineno}: expected key, prompt, response and a numeric "
+                            f"score (a verifier's output, e.g. data/rft/scored.jsonl); missing or bad: "
+                            f"{missing or ['score']}")
+        rows.append(row)
+    return rows
+
+
 def chat(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]

@@ -117,23 +117,37 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
     if missing:
         raise UserError(f"compare: no evaluation for {', '.join(missing)} in {EVAL_DIR}/ (run eval@{missing[0]} first)")
     records = {n: read_jsonl(root / EVAL_DIR / n / "records.jsonl") for n in names}
+    # Method reports: a method stage may write data/eval/<method>/records.jsonl whose records name
+    # their row (`model`): rows of a shared suite join its table (e.g. proxy decoding's
+    # instruction_following), rows of a suite of its own get one table (e.g. SPCT's reward_accuracy).
+    extra: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted((root / EVAL_DIR).glob("*/records.jsonl")):
+        if path.parent.name in names:
+            continue
+        for suite_name, by_model in _method_report(path).items():
+            table = extra.setdefault(suite_name, {})
+            taken = set(table) | (set(names) if suite_name in e.suites else set())  # a shared suite has eval@ rows
+            if clash := sorted(taken & set(by_model)):
+                raise UserError(f"compare: {path}: rows {clash} of suite {suite_name} are already rows of another report")
+            table.update(by_model)
     sections, results, rows, deltas = [], {}, [], {}
-    for suite_name in e.suites:
-        suite = get_suite(suite_name)
-        by_model = {n: [r for r in recs if r["suite"] == suite_name] for n, recs in records.items()}
-        result = compare.compare_suite(by_model, suite.metrics, e.reference, e.bootstrap, params.seed)
+    for suite_name in [*e.suites, *sorted(set(extra) - set(e.suites))]:
+        if suite_name in e.suites:
+            suite = get_suite(suite_name)
+            metrics, label = suite.metrics, suite.breakdown_label
+            by_model = {n: [r for r in recs if r["suite"] == suite_name] for n, recs in records.items()}
+        else:
+            metrics, label, by_model = tuple(next(iter(extra[suite_name].values()))[0]["scores"]), "source", {}
+        by_model |= extra.get(suite_name, {})
+        ref = e.reference if e.reference in by_model else next(iter(by_model))
+        result = compare.compare_suite(by_model, metrics, ref, e.bootstrap, params.seed)
         results[suite_name] = result
-        sections.append(compare.markdown(suite_name, result, suite.breakdown_label))
+        sections.append(compare.markdown(suite_name, result, label))
         rows += compare.plot_rows(suite_name, result)
-        compare.plot(suite_name, result, root / COMPARE_DIR / f"{suite_name}.png")
-        for n, entry in result["models"].items():
-            deltas.setdefault(suite_name, {})[n] = {
-                m: {"value": entry["metrics"][m]["value"], "diff": d["value"], "diff_ci_low": d["ci_low"],
-                    "diff_ci_high": d["ci_high"]} for m, d in entry["diff"].items()}
-            for m, d in entry["diff"].items():
-                mlflow.log_metrics({f"{n}/{m}": entry["metrics"][m]["value"], f"{n}/{m}_diff": d["value"],
-                                    f"{n}/{m}_diff_ci_low": d["ci_low"], f"{n}/{m}_diff_ci_high": d["ci_high"]})
-        mlflow.log_artifact(str(root / COMPARE_DIR / f"{suite_name}.png"))
+        deltas[suite_name] = _log_deltas(result)
+        if suite_name in e.suites:
+            compare.plot(suite_name, result, root / COMPARE_DIR / f"{suite_name}.png")
+            mlflow.log_artifact(str(root / COMPARE_DIR / f"{suite_name}.png"))
     report = "\n".join(sections)
     write_text(root / COMPARE_DIR / "report.md", report)
     write_json(root / COMPARE_DIR / "report.json", results)
@@ -142,6 +156,28 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
     write_json(root / COMPARE_DIR / "metrics.json", deltas)
     mlflow.log_artifact(str(root / COMPARE_DIR / "report.md"))
     print(report)
+
+
+def _log_deltas(result: dict) -> dict:
+    """{model: {metric: value and paired difference}} of one suite's result, also logged to MLflow."""
+    out = {}
+    for n, entry in result["models"].items():
+        out[n] = {m: {"value": entry["metrics"][m]["value"], "diff": d["value"], "diff_ci_low": d["ci_low"],
+                      "diff_ci_high": d["ci_high"]} for m, d in entry["diff"].items()}
+        for m, d in entry["diff"].items():
+            mlflow.log_metrics({f"{n}/{m}": entry["metrics"][m]["value"], f"{n}/{m}_diff": d["value"],
+                                f"{n}/{m}_diff_ci_low": d["ci_low"], f"{n}/{m}_diff_ci_high": d["ci_high"]})
+    return out
+
+
+def _method_report(path: Path) -> dict[str, dict[str, list[dict]]]:
+    """{suite: {row name: records}} of a method's report file; every record must name its `model`."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for r in read_jsonl(path):
+        if "model" not in r or "suite" not in r:
+            raise UserError(f"compare: {path}: expected records with `suite` and `model` (a method's report rows)")
+        out.setdefault(r["suite"], {}).setdefault(r["model"], []).append(r)
+    return out
 
 
 STAGES = {"base": run_base, "prepare": run_prepare, "facts": run_facts, "eval": run_eval, "compare": run_compare}

@@ -59,14 +59,9 @@ def _model_judge_args(params: Any, backend: Any, seed: int) -> tuple[dict, int]:
     or label scoring of " yes"/" no" after a prefilled "Verdict:" (spar.judge.scoring)."""
     j = params.spar.judge
     if j.scoring == "labels":
-        from closedloop.label_scoring import score_labels
+        from closedloop.verifiers.judge import label_scored
 
-        def score(chats: list[list[dict]]) -> list[float]:
-            prefilled = [[*c, {"role": "assistant", "content": "Verdict:"}] for c in chats]
-            return [p[0] for p in score_labels(backend.model, backend.tokenizer, prefilled, [" yes", " no"],
-                                               params.spar.batch_size)]
-
-        return {"score_fn": score}, 1
+        return {"score_fn": label_scored(backend.model, backend.tokenizer, params.spar.batch_size)}, 1
     return {"generate_fn": _generator(backend, j, seed), "votes": j.votes}, j.votes
 
 

@@ -22,11 +22,14 @@ from closedloop.verifiers.ifeval_rules import (
     verify_jsonl,
     verify_row,
 )
+from closedloop.verifiers.grm import GenerativeRMVerifier  # registers generative_rm
 from closedloop.verifiers.judge import HybridJudge, ModelJudge  # registers the model judges
+from closedloop.verifiers.reward_model import RewardModelVerifier  # registers reward_model
 
 __all__ = [
     "INSTRUCTION_IDS",
     "Form",
+    "GenerativeRMVerifier",
     "Granularity",
     "IFEvalResult",
     "IFEvalRuleVerifier",
@@ -42,6 +45,7 @@ __all__ = [
     "verifier_class",
     "HybridJudge",
     "ModelJudge",
+    "RewardModelVerifier",
     "verify_batch",
     "verify_jsonl",
     "verify_row",

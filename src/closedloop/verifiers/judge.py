@@ -165,6 +165,17 @@ def from_verdict(v: Verdict) -> JudgeResult:
 ScoreFn = Callable[[list[list[dict]]], list[float]]
 
 
+def label_scored(model: object, tokenizer: object, batch_size: int) -> ScoreFn:
+    """A score_fn: P(" yes") against P(" no") right after a prefilled `Verdict:` in the judge's answer."""
+    from closedloop.label_scoring import score_labels
+
+    def score(chats: list[list[dict]]) -> list[float]:
+        prefilled = [[*c, {"role": "assistant", "content": "Verdict:"}] for c in chats]
+        return [p[0] for p in score_labels(model, tokenizer, prefilled, [" yes", " no"], batch_size)]
+
+    return score
+
+
 class _Judge(Verifier):
     """generate_fn: k sampled judgments per sample, majority (`votes`); or score_fn: one
     label-scored P(yes) per sample, decision P(yes) > 0.5 (a tie at exactly 0.5 is None)."""

@@ -1,0 +1,93 @@
+"""Proxy decoding tokens/s: against the base alone, against the three models one prompt at a time
+without batching (as the reference implementation decodes), and against the sum of the three
+models' plain decode times.
+
+    .venv/bin/python bench/bench_proxy.py --base models/base --expert models/proxy/expert \\
+        --anti-expert models/proxy/small --prompts 16 --max-new-tokens 48
+Greedy, float32, alpha 1. Run alone on the machine. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unbatched(models, tok, prompts, max_new_tokens: int, stop_ids: list[int]) -> int:
+    """The reference's loop: one prompt at a time, three cached forwards per token, greedy."""
+    import torch
+
+    from closedloop.engine.proxy import proxy_combine
+    from closedloop.generate import encode_prompt
+
+    combine = proxy_combine([1.0])
+    tokens = 0
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([encode_prompt(tok, p)])
+            outs = [m(input_ids=ids, use_cache=True) for m in models]
+            caches = [o.past_key_values for o in outs]
+            logits = [o.logits[:, -1] for o in outs]
+            for _ in range(max_new_tokens):
+                nxt = int(combine(logits).argmax(-1))
+                if nxt in stop_ids:
+                    break
+                tokens += 1
+                x = torch.tensor([[nxt]])
+                outs = [m(input_ids=x, past_key_values=c, use_cache=True) for m, c in zip(models, caches)]
+                logits = [o.logits[:, -1] for o in outs]
+    return tokens
+
+
+def main() -> None:
+    from closedloop.generate import SamplingParams, make_backend
+    from closedloop.io import read_jsonl
+    from closedloop.models import load_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=str(ROOT / "models/base"))
+    ap.add_argument("--expert", default=str(ROOT / "models/proxy/expert"))
+    ap.add_argument("--anti-expert", default=str(ROOT / "models/proxy/small"))
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    args = ap.parse_args()
+    loaded = [load_model(Path(p)) for p in (args.base, args.expert, args.anti_expert)]
+    models, tok = [m for m, _ in loaded], loaded[0][1]
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in read_jsonl(ROOT / "data/suite/eval.jsonl")][: args.prompts]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
+    rows = {}
+
+    def timed(name, backend):
+        start = time.perf_counter()
+        outs = backend.generate(prompts, sp)
+        secs = time.perf_counter() - start
+        rows[name] = {"tokens": sum(o[0].num_tokens for o in outs), "seconds": round(secs, 2)}
+        return backend
+
+    proxy = timed("proxy (engine, batched)", make_backend("proxy", models, tok, alphas=[1.0], batch_size=64,
+                                                          show_progress=False))
+    for name, m in zip(("base alone", "expert alone", "anti-expert alone"), models):
+        timed(name, make_backend("engine", m, tok, batch_size=64, show_progress=False))
+    start = time.perf_counter()
+    n = unbatched(models, tok, prompts, args.max_new_tokens, proxy.stop_ids)
+    rows["proxy, one prompt at a time, unbatched"] = {"tokens": n, "seconds": round(time.perf_counter() - start, 2)}
+    plain = ("base alone", "expert alone", "anti-expert alone")
+    three = sum(rows[k]["seconds"] for k in plain)
+    for r in rows.values():
+        r["tok_per_s"] = round(r["tokens"] / r["seconds"], 1)
+    print(f"{'decoding':40s} {'tokens':>7} {'seconds':>8} {'tok/s':>7}")
+    for k, r in rows.items():
+        print(f"{k:40s} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tok_per_s']:>7.1f}")
+    p = rows["proxy (engine, batched)"]
+    print(f"proxy vs base alone: {p['seconds'] / rows['base alone']['seconds']:.2f}x the time; "
+          f"vs the sum of the three plain decodes ({three:.1f} s): {p['seconds'] / three:.2f}x; "
+          f"vs unbatched: {rows['proxy, one prompt at a time, unbatched']['seconds'] / p['seconds']:.1f}x faster")
+    print(json.dumps(rows | {"sum_of_three_plain_seconds": round(three, 2)}))
+
+
+if __name__ == "__main__":
+    main()

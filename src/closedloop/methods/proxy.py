@@ -1,0 +1,142 @@
+"""Proxy tuning (Liu et al. 2024, "Tuning Language Models by Proxy") as a recipe over plain rows.
+
+A small model is tuned (the expert) beside its untuned twin (the anti-expert); a large base model
+is steered at decode time, its weights untouched. At every step, on the raw next-token logits:
+
+    logits = base(x) + alpha * (expert(x) - anti_expert(x))
+
+then temperature and top-p (the engine's sampler, after the arithmetic, in float32). Each model
+keeps its own KV cache and sees the prompt in its own view (`templates`: the expert its chat
+template, base and anti-expert the raw prompt, as the reference code does); all share the base's
+tokenizer (a different vocabulary is an error; a vocabulary padded past the tokenizer, as many
+checkpoints pad it, is cut to the shared size). EFT (Mitchell et al. 2023) is alpha = 1; DeRa /
+ExPO extrapolate within one model size (base = anti-expert, alpha > 1: `configuration: extrapolate`).
+
+    search    decoding with the combined logits (the engine's multi-model decode, batched)
+    verify    none
+    feedback  the logit arithmetic itself (no weights change)
+
+Only one model size ships offline, and with anti-expert = base, alpha = 1 reproduces the expert
+exactly (a "gap closed" of 100% by construction). So the default (`configuration: small_pair`)
+derives a real small pair from the embedded model: `proxy_small` keeps every `keep_every`-th layer
+of the base and distils it briefly on the base's own generations (the anti-expert); `proxy_expert`
+tunes that small model with the RFT recipe (SFT on RFT's verified samples, data/rft/sft.jsonl);
+the base is the full embedded model; the directly tuned base is RFT's model. Gap closed =
+(proxy - base) / (directly tuned - base) on the shared evaluation.
+
+The stages (stages/proxy.py) read and write files; everything here is rows and tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from closedloop.config import FieldError, LoraParams, SFTParams, bounds
+
+ROLES = ("base", "expert", "anti_expert")
+
+
+@dataclass
+class ProxySmallParams:
+    keep_every: int = field(default=3, metadata=bounds(ge=1, le=64))  # keep layers 0, k, 2k, ... of the base
+    prompts: str = field(default="data/suite/train.jsonl", metadata=bounds(path=True))  # distillation prompts
+    max_prompts: int = field(default=48, metadata=bounds(ge=1))
+    max_new_tokens: int = field(default=64, metadata=bounds(ge=1, le=100_000))  # the base's responses
+    temperature: float = field(default=0.7, metadata=bounds(ge=0.0, le=10.0))
+    # distillation: SFT on the base's responses, every weight trained (the layers kept must re-learn
+    # to work without the ones dropped; LoRA's few parameters cannot)
+    sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=2e-4, epochs=2.0, batch_size=8,
+                                                             lora=LoraParams(enabled=False)))
+
+
+@dataclass
+class ProxyConfig:
+    # small_pair: base = models/base, expert = models/proxy/expert, anti-expert = models/proxy/small |
+    # extrapolate: one size, base = anti-expert = models/base, expert = the directly tuned models/rft,
+    # alpha > 1 (DeRa / ExPO). `base` / `expert` / `anti_expert` override either (a checkpoint
+    # directory, or a hub id with HF_HUB_OFFLINE=0).
+    configuration: Literal["small_pair", "extrapolate"] = "small_pair"
+    base: str | None = None
+    expert: str | None = None
+    anti_expert: str | None = None
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])  # one report row per alpha
+    # per model: chat (its chat template) or raw (the prompt's text, no template)
+    templates: dict[str, str] = field(default_factory=lambda: {"base": "chat", "expert": "chat",
+                                                               "anti_expert": "chat"})
+    tuned: str = "rft"  # the evaluate.models entry of the directly tuned base (gap closed's denominator)
+    small: ProxySmallParams = field(default_factory=ProxySmallParams)
+    # the expert: the small model after the RFT recipe (LoRA SFT on RFT's verified samples, RFT's settings)
+    expert_sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=6e-4))
+    speed_prompts: int = field(default=16, metadata=bounds(ge=1))  # tokens/s: proxy vs the base alone
+    speed_tokens: int = field(default=32, metadata=bounds(ge=1, le=100_000))
+    batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            raise FieldError("alphas", "expected a non-empty list of numbers")
+        if bad := sorted(set(self.templates) - set(ROLES)):
+            raise FieldError("templates", f"expected keys among {', '.join(ROLES)}, got {bad}")
+        if bad := sorted({v for v in self.templates.values()} - {"chat", "raw"}):
+            raise FieldError("templates", f"expected values chat or raw, got {bad}")
+
+    def trio(self) -> dict[str, str]:
+        """{role: model location} of this configuration (overrides applied)."""
+        if self.configuration == "extrapolate":
+            chosen = {"base": "models/base", "expert": "models/rft", "anti_expert": "models/base"}
+        else:
+            chosen = {"base": "models/base", "expert": "models/proxy/expert", "anti_expert": "models/proxy/small"}
+        return {r: getattr(self, r) or chosen[r] for r in ROLES}
+
+
+CONFIG = ProxyConfig
+
+
+def row_name(alpha: float) -> str:
+    return f"proxy-a{alpha:g}"
+
+
+def derive_small(model: Any, every: int) -> Any:
+    """A shallower copy of `model`: layers 0, every, 2 * every, ... with their weights, and the same
+    embeddings, final norm and output layer (so the same tokenizer and vocabulary)."""
+    import copy
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    n = model.config.num_hidden_layers
+    keep = list(range(0, n, every))
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    small = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    state = {}
+    for name, value in model.state_dict().items():
+        m = re.match(r"(.*\.layers\.)(\d+)(\..*)", name)
+        if m is None:
+            state[name] = value
+        elif int(m[2]) in keep:
+            state[f"{m[1]}{keep.index(int(m[2]))}{m[3]}"] = value
+    small.load_state_dict(state, strict=True)
+    return small
+
+
+def gap_closed(base: Sequence[float], tuned: Sequence[float], proxy: Sequence[float], n_bootstrap: int,
+               seed: int) -> dict[str, float]:
+    """(proxy - base) / (tuned - base) over the same examples, with a paired bootstrap 95% interval
+    (examples resampled together). `defined` is 0 when the tuned model's own gain is 0."""
+    import numpy as np
+
+    b, t, p = (np.asarray(x, dtype=float) for x in (base, tuned, proxy))
+    gain = t.mean() - b.mean()
+    value = float((p.mean() - b.mean()) / gain) if gain != 0 else float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(b), size=(n_bootstrap, len(b)))
+    g = t[idx].mean(1) - b[idx].mean(1)
+    ok = g != 0
+    ratios = (p[idx].mean(1)[ok] - b[idx].mean(1)[ok]) / g[ok]
+    lo, hi = (np.quantile(ratios, [0.025, 0.975]).tolist() if ok.any() else [float("nan")] * 2)
+    return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "tuned_gain": float(gain),
+            "proxy_gain": float(p.mean() - b.mean()), "defined": float(gain != 0)}

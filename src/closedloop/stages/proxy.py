@@ -1,0 +1,174 @@
+"""Proxy tuning's stages (dvc.yaml `meta: {method: proxy}`): the small pair, then decoding by proxy.
+
+    proxy_small   models/base with every `keep_every`-th layer kept, distilled briefly on the base's
+                  own responses: the anti-expert                       models/proxy/small
+    proxy_expert  that small model after the RFT recipe (SFT on RFT's verified samples): the expert
+                                                                        models/proxy/expert
+    proxy_eval    the instruction-following suite decoded by proxy (base + alpha * (expert -
+                  anti-expert)) at each alpha: rows of the comparison report
+                  (data/eval/proxy/records.jsonl); gap closed against the directly tuned base, with
+                  paired intervals; proxy decoding's tokens/s against the base alone
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from closedloop.errors import UserError
+from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from closedloop.methods import proxy
+from closedloop.stages.common import chat, open_backend
+
+MODELS = Path("models/proxy")
+DATA = Path("data/proxy")
+REPORT = Path("data/eval/proxy/records.jsonl")  # read by the shared compare stage
+
+
+def _train_from(params: Any, model: Any, tok: Any, examples: list[dict], out: Path, sft: Any) -> dict:
+    """SFT (feedback/sft.py) from an in-memory model: it is saved to a scratch checkpoint first."""
+    from closedloop.feedback.sft import train_sft
+
+    scratch = Path(tempfile.mkdtemp(prefix=".derived-", dir=out.parent))
+    try:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tok.save_pretrained(scratch)
+        return train_sft(scratch, examples, out, sft, seed=params.seed, dtype=params.model.dtype)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_small(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.generate import SamplingParams
+    from closedloop.models import load_model
+
+    s = params.proxy.small
+    rows = read_jsonl(root / s.prompts)[: s.max_prompts]
+    if not rows or any("prompt" not in r for r in rows):
+        raise UserError(f"proxy.small.prompts: {s.prompts}: expected rows with a `prompt`")
+    backend = open_backend(params, root, "models/base", params.proxy.batch_size)
+    outs = backend.generate([chat(r["prompt"]) for r in rows],
+                            SamplingParams(n=1, temperature=s.temperature, top_p=1.0, max_new_tokens=s.max_new_tokens,
+                                           seed=params.seed))
+    examples = [{"prompt": chat(r["prompt"]), "completion": [{"role": "assistant", "content": o[0].text}]}
+                for r, o in zip(rows, outs) if o[0].text.strip()]
+    base, tok = load_model(root / "models/base", dtype=params.model.dtype,
+                           trust_remote_code=params.model.trust_remote_code)
+    small = proxy.derive_small(base, s.keep_every)
+    (root / MODELS).mkdir(parents=True, exist_ok=True)
+    with atomic_dir(root / MODELS / "small") as tmp:
+        metrics = _train_from(params, small, tok, examples, tmp, s.sft.value())
+    metrics |= {"layers": small.config.num_hidden_layers, "base_layers": base.config.num_hidden_layers,
+                "parameters": sum(p.numel() for p in small.parameters()), "distill_examples": len(examples)}
+    _log(metrics, root / DATA / "small_metrics.json")
+
+
+def run_expert(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.feedback.sft import train_sft
+    from closedloop.methods.rft import sft_examples
+
+    kept = read_jsonl(root / "data/rft/sft.jsonl")
+    if not kept:
+        raise UserError("data/rft/sft.jsonl: no verified samples to tune the expert on (see rft.threshold)")
+    with atomic_dir(root / MODELS / "expert") as tmp:
+        metrics = train_sft(root / MODELS / "small", sft_examples(kept), tmp, params.proxy.expert_sft.value(),
+                            seed=params.seed, dtype=params.model.dtype)
+    _log(metrics, root / DATA / "expert_metrics.json")
+
+
+def _log(metrics: dict, out: Path) -> None:
+    for step, loss in metrics.pop("loss_history", []):
+        mlflow.log_metric("train_loss", loss, step=step)
+    write_json(out, metrics)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def _load(params: Any, root: Path, location: str) -> tuple[Any, Any]:
+    """A checkpoint directory of this project (or anywhere), or a hub id (HF_HUB_OFFLINE=0)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from closedloop.models import load_model
+
+    path = root / location
+    if path.is_dir():
+        return load_model(path, dtype=params.model.dtype, trust_remote_code=params.model.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=params.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, params.model.dtype),
+                                                     trust_remote_code=params.model.trust_remote_code,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"proxy: cannot load {location!r} (not a directory here, nor a reachable hub id): "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.to("cuda") if torch.cuda.is_available() else model.eval(), tok
+
+
+def _strict(root: Path, name: str, keys: list[str], metric: str) -> list[float]:
+    path = root / "data/eval" / name / "records.jsonl"
+    if not path.is_file():
+        raise UserError(f"proxy: no evaluation records at {path} (is {name!r} in evaluate.models?)")
+    by_key = {str(r["key"]): r for r in read_jsonl(path) if r["suite"] == "instruction_following"}
+    if missing := [k for k in keys if k not in by_key]:
+        raise UserError(f"proxy: {path} lacks {len(missing)} of the held-out prompts (rerun eval@{name})")
+    return [by_key[k]["scores"][metric][0] / by_key[k]["scores"][metric][1] for k in keys]
+
+
+def _tokens_per_second(backend: Any, prompts: list, tokens: int, seed: int) -> float:
+    from closedloop.generate import SamplingParams
+
+    start = time.perf_counter()
+    outs = backend.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=tokens, seed=seed))
+    return sum(o[0].num_tokens for o in outs) / (time.perf_counter() - start)
+
+
+def run_eval(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.engine.proxy import check_vocabularies
+    from closedloop.evaluate.suites import get_suite
+    from closedloop.generate import make_backend
+
+    p = params.proxy
+    trio = proxy.ProxyConfig.trio(p)
+    suite = get_suite("instruction_following")
+    examples = suite.load(params, root)  # bad input fails before three models load
+    loaded = {role: _load(params, root, trio[role]) for role in proxy.ROLES}
+    check_vocabularies([f"proxy {r} ({trio[r]})" for r in proxy.ROLES], [loaded[r][1] for r in proxy.ROLES],
+                       [loaded[r][0] for r in proxy.ROLES])
+    models, tok = [loaded[r][0] for r in proxy.ROLES], loaded["base"][1]
+    templates = [p.templates.get(r, "chat") == "chat" for r in proxy.ROLES]
+    records, metrics = [], {}
+    keys = [str(r["key"]) for r in examples]
+    base = _strict(root, params.evaluate.reference, keys, "prompt_level_strict")
+    tuned = _strict(root, p.tuned, keys, "prompt_level_strict")
+    for alpha in p.alphas:
+        backend = make_backend("proxy", models, tok, alphas=[alpha], templates=templates, batch_size=p.batch_size,
+                               show_progress=False)
+        rows = [{**r, "model": proxy.row_name(alpha)} for r in suite.run(params, examples, backend)]
+        records += rows
+        strict = [r["scores"]["prompt_level_strict"][0] / r["scores"]["prompt_level_strict"][1] for r in rows]
+        gap = proxy.gap_closed(base, tuned, strict, params.evaluate.bootstrap, params.seed)
+        name = proxy.row_name(alpha)
+        metrics |= {f"{name}/gap_closed": gap["value"], f"{name}/gap_closed_ci_low": gap["ci_low"],
+                    f"{name}/gap_closed_ci_high": gap["ci_high"], f"{name}/prompt_level_strict": sum(strict) / len(strict)}
+        metrics["tuned_gain"] = gap["tuned_gain"]
+    # decoding speed on the same prompts: the base alone, then by proxy (three forwards a token)
+    prompts = [chat(r["prompt"]) for r in examples[: p.speed_prompts]]
+    alone = _tokens_per_second(make_backend("engine", models[0], tok, batch_size=p.batch_size, show_progress=False),
+                               prompts, p.speed_tokens, params.seed)
+    both = _tokens_per_second(make_backend("proxy", models, tok, alphas=[p.alphas[0]], templates=templates,
+                                           batch_size=p.batch_size, show_progress=False),
+                              prompts, p.speed_tokens, params.seed)
+    metrics |= {"base_tokens_per_second": alone, "proxy_tokens_per_second": both, "proxy_speed_ratio": both / alone}
+    write_jsonl(root / REPORT, records)
+    # gap closed is undefined (null here, not logged to MLflow) when the directly tuned model gained nothing
+    write_json(root / DATA / "eval_metrics.json", {k: (v if v == v else None) for k, v in metrics.items()})
+    mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+    mlflow.set_tags({f"closedloop.proxy_{r}": trio[r] for r in proxy.ROLES})  # the models this configuration resolved to
+
+
+STAGES = {"proxy_small": run_small, "proxy_expert": run_expert, "proxy_eval": run_eval}
