@@ -131,8 +131,8 @@ TINY_PARAMS = {
         "batch_size": 8,
     },
     "proxy": {
-        "small": {"keep_every": 2, "max_prompts": 4, "max_new_tokens": 8,
-                  "sft": {"epochs": 1, "batch_size": 4, "max_length": 128}},
+        "small": {"layers": 1, "max_prompts": 4, "max_new_tokens": 8,
+                  "distill": {"epochs": 1, "batch_size": 4, "max_length": 128}},
         "expert_sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}},
         "speed_prompts": 2, "speed_tokens": 4, "batch_size": 8,
     },

@@ -162,7 +162,8 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     gap = json.loads((root / "data/proxy/eval_metrics.json").read_text())  # NaN when the tuned model gained nothing
     assert {"proxy-a0.5/gap_closed", "proxy-a1/gap_closed_ci_low", "proxy-a1/gap_closed_ci_high"} <= set(gap)
     small = json.loads((root / "data/proxy/small_metrics.json").read_text())
-    assert small["layers"] == 1 and small["base_layers"] == 2  # every second layer of the 2-layer tiny model
+    assert small["layers"] == 1 and small["base_layers"] == 2  # the more influential of the tiny model's 2 layers
+    assert len(json.loads((root / "data/proxy/small_layers.json").read_text())["kept"]) == 1
     # the held-out set is the IFEval subset, and the metrics file is what DVC reads
     metrics = dvc(root, env, "metrics", "show", "--json")
     assert "prompt_level_strict" in metrics

@@ -25,7 +25,8 @@ def test_dataclass_defaults_equal_params_yaml():
     defaults = Params(methods={name: cls() for name, cls in method_configs().items()}).as_dict()
     # The one exception: each method adds its model's row to evaluate.models (default: base alone).
     assert shipped["evaluate"].pop("models") == {"base": "models/base", "rft": "models/rft",
-                                                 "spar-it1": "models/spar/it1/actor", "dct": "models/dct"}
+                                                 "spar-it1": "models/spar/it1/actor", "dct": "models/dct",
+                                                 "rlhf": "models/rlhf/policy", "proxy-expert": "models/proxy/expert"}
     assert defaults["evaluate"].pop("models") == {"base": "models/base"}
     assert shipped == defaults
 

@@ -129,3 +129,21 @@ def test_raw_prompt_renders_messages_without_a_template():
     assert raw_prompt("as is") == "as is"
     assert raw_prompt([{"role": "user", "content": "q"}]) == "q\n"
     assert raw_prompt([{"role": "user", "content": "q"}, {"role": "assistant", "content": "A:"}]) == "q\nA:"
+
+
+def test_small_model_keeps_the_most_influential_layers_with_their_weights(trio):
+    from closedloop.methods.proxy import block_influence, derive_small, most_influential
+
+    base, _, _, tok = trio
+    enc = tok(["the quick brown fox", "what is two plus two"], return_tensors="pt", padding=True)
+    influence = block_influence(base, enc["input_ids"], enc["attention_mask"])
+    assert len(influence) == base.config.num_hidden_layers and all(-1e-6 <= x <= 2.0 for x in influence)
+    assert most_influential([0.1, 0.9, 0.05, 0.5], 2) == [1, 3]  # model order, not influence order
+    assert most_influential([0.2, 0.2, 0.2], 1) == [0]  # ties: the earlier layer
+    with pytest.raises(UserError, match=r"params.yaml: proxy.small.layers: expected 1 to 2"):
+        most_influential(influence, len(influence) + 1)
+    keep = most_influential(influence, 1)
+    small = derive_small(base, keep)
+    assert small.config.num_hidden_layers == 1
+    assert torch.equal(small.model.layers[0].mlp.down_proj.weight, base.model.layers[keep[0]].mlp.down_proj.weight)
+    assert torch.equal(small.lm_head.weight, base.lm_head.weight)

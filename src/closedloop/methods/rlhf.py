@@ -44,8 +44,8 @@ class RLHFPrefsParams:
     hub_dataset: str | None = None  # e.g. trl-lib/ultrafeedback_binarized (needs HF_HUB_OFFLINE=0)
     hub_split: str = "train"
     eval_fraction: float = field(default=0.25, metadata=bounds(gt=0.0, le=0.9))  # prompts held out for RM accuracy
-    max_pairs: int = field(default=256, metadata=bounds(ge=1))  # train pairs kept (whole prompts, in order)
-    max_chars: int = field(default=600, metadata=bounds(ge=20))  # responses cut to this for the reward model
+    max_pairs: int = field(default=24, metadata=bounds(ge=1))  # train pairs kept (whole prompts, in order)
+    max_chars: int = field(default=240, metadata=bounds(ge=20))  # responses cut to this for the reward model
 
     def __post_init__(self) -> None:
         if self.source == "hub" and not self.hub_dataset:
@@ -59,18 +59,21 @@ class RLHFPolicyParams:
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     prompts: str = field(default="data/suite/train.jsonl", metadata=bounds(path=True))  # {"prompt"} rows
     max_prompts: int = field(default=48, metadata=bounds(ge=1))
-    ppo: PPOParams = field(default_factory=PPOParams)
+    # demo size (a few PPO steps on 2 cores); PPOParams documents the published defaults
+    ppo: PPOParams = field(default_factory=lambda: PPOParams(rollout_batch_size=4, batch_size=4, max_steps=3,
+                                                            num_ppo_epochs=2, max_new_tokens=32,
+                                                            missing_eos_penalty=1.0))
     # GRPO / RLOO: beta > 0 (TRL's GRPO default is 0: no KL); TRL's RLOO default is 0.05
-    grpo: GRPOParams = field(default_factory=lambda: GRPOParams(beta=0.05, max_completion_length=48))
+    grpo: GRPOParams = field(default_factory=lambda: GRPOParams(beta=0.05, max_completion_length=32, max_steps=3))
 
 
 @dataclass
 class RLHFEvalParams:
     sft_name: str = "rft"  # the evaluate.models entry whose eval@ responses are the SFT model's
     policy_name: str = "rlhf"  # the evaluate.models entry of this method's policy
-    max_prompts: int = field(default=24, metadata=bounds(ge=1))  # held-out prompts scored by the RM
+    max_prompts: int = field(default=16, metadata=bounds(ge=1))  # held-out prompts scored by the RM
     kl_samples: int = field(default=1, metadata=bounds(ge=1, le=64))  # policy samples per prompt for KL(pi || SFT)
-    kl_max_new_tokens: int = field(default=48, metadata=bounds(ge=1, le=100_000))
+    kl_max_new_tokens: int = field(default=32, metadata=bounds(ge=1, le=100_000))
 
 
 @dataclass

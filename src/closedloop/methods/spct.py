@@ -47,8 +47,8 @@ class SPCTDataParams:
     max_pairs_per_prompt: int = field(default=2, metadata=bounds(ge=1, le=6))  # rules: widest score gaps first
     eval_fraction: float = field(default=0.5, metadata=bounds(gt=0.0, le=0.9))
     max_train: int = field(default=8, metadata=bounds(ge=1))
-    max_eval: int = field(default=8, metadata=bounds(ge=1))
-    max_chars: int = field(default=240, metadata=bounds(ge=20))  # each response is cut to this in the GRM prompt
+    max_eval: int = field(default=4, metadata=bounds(ge=1))
+    max_chars: int = field(default=160, metadata=bounds(ge=20))  # each response is cut to this in the GRM prompt
 
     def __post_init__(self) -> None:
         if self.source == "hub" and not self.hub_dataset:
@@ -58,8 +58,8 @@ class SPCTDataParams:
 @dataclass
 class GRMParams:
     principles: bool = True  # false: the no_principles ablation (critique and scores only), everywhere
-    principles_tokens: int = field(default=24, metadata=bounds(ge=1, le=100_000))
-    critique_tokens: int = field(default=32, metadata=bounds(ge=1, le=100_000))
+    principles_tokens: int = field(default=12, metadata=bounds(ge=1, le=100_000))
+    critique_tokens: int = field(default=20, metadata=bounds(ge=1, le=100_000))
     # labels: read each score's distribution over 1-10 by label scoring (never fails) | parse: the
     # model writes `\boxed{...}` and it is parsed (failures counted)
     score_mode: Literal["labels", "parse"] = "labels"
@@ -86,10 +86,10 @@ class MetaRMParams:
 
 @dataclass
 class SPCTEvalParams:
-    votes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # voting@k; k samples at grm.temperature
-    max_examples: int = field(default=6, metadata=bounds(ge=1))  # held-out examples for voting
+    votes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # voting@k (the paper's 16, 32: add them); k samples at grm.temperature
+    max_examples: int = field(default=4, metadata=bounds(ge=1))  # held-out examples for voting
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4])  # N for best-of-N on the policy's samples
-    best_of_n_prompts: int = field(default=6, metadata=bounds(ge=1))
+    best_of_n_prompts: int = field(default=4, metadata=bounds(ge=1))
     selectors: list[str] = field(default_factory=lambda: ["ifeval_rules", "reward_model", "generative_rm"])
 
     def __post_init__(self) -> None:
@@ -110,7 +110,7 @@ class SPCTConfig:
     rejective: RejectiveParams = field(default_factory=RejectiveParams)
     sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=2e-4, epochs=1.0, batch_size=4,
                                                              max_length=1024))
-    grpo: GRPOParams = field(default_factory=GRPOParams)
+    grpo: GRPOParams = field(default_factory=lambda: GRPOParams(max_completion_length=32))
     rm: RewardParams = field(default_factory=RewardParams)
     meta_rm: MetaRMParams = field(default_factory=MetaRMParams)
     eval: SPCTEvalParams = field(default_factory=SPCTEvalParams)

@@ -1,7 +1,8 @@
 """Proxy tuning's stages (dvc.yaml `meta: {method: proxy}`): the small pair, then decoding by proxy.
 
-    proxy_small   models/base with every `keep_every`-th layer kept, distilled briefly on the base's
-                  own responses: the anti-expert                       models/proxy/small
+    proxy_small   models/base with its `layers` most influential layers kept (block influence),
+                  distilled briefly on the base's own responses: the anti-expert
+                                                                        models/proxy/small
     proxy_expert  that small model after the RFT recipe (SFT on RFT's verified samples): the expert
                                                                         models/proxy/expert
     proxy_eval    the instruction-following suite decoded by proxy (base + alpha * (expert -
@@ -12,8 +13,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,20 +29,8 @@ DATA = Path("data/proxy")
 REPORT = Path("data/eval/proxy/records.jsonl")  # read by the shared compare stage
 
 
-def _train_from(params: Any, model: Any, tok: Any, examples: list[dict], out: Path, sft: Any) -> dict:
-    """SFT (feedback/sft.py) from an in-memory model: it is saved to a scratch checkpoint first."""
-    from closedloop.feedback.sft import train_sft
-
-    scratch = Path(tempfile.mkdtemp(prefix=".derived-", dir=out.parent))
-    try:
-        model.save_pretrained(scratch, safe_serialization=True)
-        tok.save_pretrained(scratch)
-        return train_sft(scratch, examples, out, sft, seed=params.seed, dtype=params.model.dtype)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def run_small(params: Any, root: Path, key: str | None) -> None:
+    from closedloop.feedback.distill import distill
     from closedloop.generate import SamplingParams
     from closedloop.models import load_model
 
@@ -55,17 +42,25 @@ def run_small(params: Any, root: Path, key: str | None) -> None:
     outs = backend.generate([chat(r["prompt"]) for r in rows],
                             SamplingParams(n=1, temperature=s.temperature, top_p=1.0, max_new_tokens=s.max_new_tokens,
                                            seed=params.seed))
-    examples = [{"prompt": chat(r["prompt"]), "completion": [{"role": "assistant", "content": o[0].text}]}
-                for r, o in zip(rows, outs) if o[0].text.strip()]
+    conversations = [chat(r["prompt"]) + [{"role": "assistant", "content": o[0].text}]
+                     for r, o in zip(rows, outs) if o[0].text.strip()]
+    if not conversations:
+        raise UserError(f"proxy.small: the base wrote nothing for the {len(rows)} prompts of {s.prompts}")
     base, tok = load_model(root / "models/base", dtype=params.model.dtype,
                            trust_remote_code=params.model.trust_remote_code)
-    small = proxy.derive_small(base, s.keep_every)
+    enc = tok.apply_chat_template(conversations, tokenize=True, padding=True, truncation=True,
+                                  max_length=s.distill.max_length, return_tensors="pt", return_dict=True)
+    influence = proxy.block_influence(base, enc["input_ids"].to(base.device), enc["attention_mask"].to(base.device))
+    keep = proxy.most_influential(influence, s.layers)
+    small = proxy.derive_small(base, keep)
     (root / MODELS).mkdir(parents=True, exist_ok=True)
     with atomic_dir(root / MODELS / "small") as tmp:
-        metrics = _train_from(params, small, tok, examples, tmp, s.sft.value())
-    metrics |= {"layers": small.config.num_hidden_layers, "base_layers": base.config.num_hidden_layers,
-                "parameters": sum(p.numel() for p in small.parameters()), "distill_examples": len(examples)}
+        metrics = distill(small, base, tok, conversations, tmp, s.distill.value(), beta=s.kd_beta,
+                          temperature=s.kd_temperature, seed=params.seed, dtype=params.model.dtype)
+    metrics |= {"layers": len(keep), "base_layers": base.config.num_hidden_layers,
+                "parameters": sum(p.numel() for p in small.parameters()), "distill_examples": len(conversations)}
     _log(metrics, root / DATA / "small_metrics.json")
+    write_json(root / DATA / "small_layers.json", {"kept": keep, "block_influence": [round(x, 6) for x in influence]})
 
 
 def run_expert(params: Any, root: Path, key: str | None) -> None:
