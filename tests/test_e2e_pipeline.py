@@ -321,7 +321,8 @@ def test_the_mlflow_ui_opens_on_the_runs_and_compares_the_evaluations(project, t
 
         parents, children = pipeline_runs(root)
         evals = [r for r in children[parents[0].info.run_id] if r.info.run_name.startswith("eval@")]
-        assert {r.info.run_name for r in evals} == {"eval@base", "eval@rft", "eval@spar-it1", "eval@dct"}
+        assert {r.info.run_name for r in evals} == {"eval@base", "eval@rft", "eval@spar-it1", "eval@dct", "eval@rlhf",
+                                                    "eval@proxy-expert"}
         ids = urllib.parse.quote(json.dumps([r.info.run_id for r in evals]))
         compare = f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}"
         compare_page = render(compare, tmp_path / "profile", tmp_path / "compare.png")

@@ -86,7 +86,7 @@ class MetaRMParams:
 
 @dataclass
 class SPCTEvalParams:
-    votes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # voting@k (the paper's 16, 32: add them); k samples at grm.temperature
+    votes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # voting@k; k samples at grm.temperature
     max_examples: int = field(default=4, metadata=bounds(ge=1))  # held-out examples for voting
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4])  # N for best-of-N on the policy's samples
     best_of_n_prompts: int = field(default=4, metadata=bounds(ge=1))

@@ -127,6 +127,9 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
     from closedloop.evaluate.suites import get_suite
     from closedloop.generate import make_backend
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # three models' loading bars would bury a one-line error
     p = params.proxy
     trio = proxy.ProxyConfig.trio(p)
     suite = get_suite("instruction_following")
