@@ -73,6 +73,9 @@ def resolve_targets(graph: dict[str, list[str]], methods: dict[str, str], target
     (its evaluation, the comparison) whose other inputs are up to date or built by the method's
     own stages' ancestry anyway, so `--target rft` never runs another method's stages beyond what
     the method itself reads."""
+    # dvc status lists a stage whose own inputs changed; everything downstream of it reruns too,
+    # though DVC sees that only once the first has rerun
+    stale = {s for s in graph if _ancestry(graph, {s}) & set(stale)}
     selected: set[str] = set()
     for t in targets:
         named = {s for s in graph if s == t or s.partition("@")[0] == t}

@@ -108,6 +108,14 @@ def test_a_method_target_selects_its_stages_and_its_evaluation_not_other_methods
     assert "compare" in resolve_targets(GRAPH, METHODS, ["a"], {"a1"})
 
 
+def test_a_method_reading_another_methods_output_holds_the_comparison_back_once_that_output_changes():
+    graph = dict(GRAPH, c1=["a2"], compare=GRAPH["compare"] + ["c1"])  # method c reads a's output
+    methods = dict(METHODS, c1="c")
+    # a1's params changed: dvc status lists a1 alone, but c1 reruns too, so compare must wait for c
+    assert "compare" not in resolve_targets(graph, methods, ["a"], {"a1"})
+    assert "c1" not in execution_order(graph, methods, ["a"], {"a1"})
+
+
 def test_stage_and_group_targets():
     assert execution_order(GRAPH, METHODS, ["base"]) == ["base"]  # no name-prefix surprises
     assert set(execution_order(GRAPH, METHODS, ["eval"])) == set(GRAPH) - {"compare"}
