@@ -75,13 +75,13 @@ class _Seq:
     phase_start: int = 0  # index in `out` of the current phase's first sampled token
     forced: list[int] = field(default_factory=list)  # tokens to feed before sampling resumes (a header)
     segments: list[Completion] = field(default_factory=list)  # finished phases
+    reader: Any = None  # after the last phase: reads the next-token logits (see generate_scaffold)
+    reading: bool = False
 
     @property
     def ids(self) -> list[int]:
         """The prompt as the first model sees it (the one sampled tokens are decoded with)."""
         return self.views[0]
-    reader: Any = None  # after the last phase: reads the next-token logits (see generate_scaffold)
-    reading: bool = False
 
 
 @dataclass(frozen=True)

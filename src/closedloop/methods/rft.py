@@ -85,6 +85,25 @@ def select(scored: Sequence[dict], threshold: float, max_per_prompt: int) -> lis
     return kept
 
 
+def distinct_by_prompt(samples: Sequence[dict]) -> dict[str, list[dict]]:
+    """Scored samples grouped by prompt key (keys in sorted order), each group's non-empty responses
+    once (stripped text compared), in sample order: what the methods that rank RFT's samples
+    (SPCT's reward data, RLHF's preferences) pair up."""
+    by_key: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_key[str(s["key"])].append(s)
+    out: dict[str, list[dict]] = {}
+    for key in sorted(by_key):
+        seen: set[str] = set()
+        rows = out[key] = []
+        for s in sorted(by_key[key], key=lambda r: r.get("sample_idx", 0)):
+            text = str(s["response"]).strip()
+            if text and text not in seen:
+                seen.add(text)
+                rows.append(s)
+    return out
+
+
 def sft_examples(kept: Sequence[dict]) -> list[dict]:
     """Conversational prompt-completion examples (TRL computes the loss on the completion only)."""
     return [{"prompt": [{"role": "user", "content": r["prompt"]}],

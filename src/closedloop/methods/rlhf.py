@@ -23,13 +23,13 @@ A preference row: {"key", "group", "prompt", "chosen", "rejected", "margin"}.
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from closedloop.config import FieldError, GRPOParams, PPOParams, RewardParams, bounds
 from closedloop.errors import UserError
+from closedloop.methods.rft import distinct_by_prompt
 
 
 @dataclass
@@ -96,17 +96,8 @@ CONFIG = RLHFConfig
 def ranked_pairs(samples: Sequence[dict], score_key: str = "score") -> list[dict]:
     """All C(K,2) pairs of each prompt's distinct responses whose scores differ (ties dropped),
     better first; a prompt's pairs share its `group` and stay side by side (prompts in key order)."""
-    by_key: dict[str, list[dict]] = defaultdict(list)
-    for s in samples:
-        by_key[str(s["key"])].append(s)
     out = []
-    for key in sorted(by_key):
-        seen, rows = set(), []
-        for s in sorted(by_key[key], key=lambda r: r.get("sample_idx", 0)):
-            text = str(s["response"]).strip()
-            if text and text not in seen:
-                seen.add(text)
-                rows.append(s)
+    for key, rows in distinct_by_prompt(samples).items():
         n = 0
         for i, a in enumerate(rows):
             for b in rows[i + 1:]:
@@ -161,7 +152,7 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> flo
     """Share of pairs the reward model orders right (a tie counts half)."""
     if not chosen:
         return 0.0
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(chosen)
+    return sum(win(c, r) for c, r in zip(chosen, rejected)) / len(chosen)
 
 
 def win(a: float, b: float) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 from closedloop.config import FieldError, GRPOParams, RewardParams, SFTParams, bounds
 from closedloop.errors import UserError
+from closedloop.methods.rft import distinct_by_prompt
 from closedloop.verifiers.grm import MAX_RESPONSES, MAX_SCORE, MIN_SCORE, Judgment, credit, parse_scores, rule_reward, vote
 
 
@@ -136,17 +136,8 @@ def examples_from_samples(samples: Sequence[dict], max_pairs_per_prompt: int, se
     """Pairs (better, worse) of one prompt's distinct sampled responses with different rule scores;
     the widest gaps first, each response in at most one pair per prompt."""
     rng = random.Random(seed)
-    by_key: dict[str, list[dict]] = defaultdict(list)
-    for s in samples:
-        by_key[str(s["key"])].append(s)
     out = []
-    for key in sorted(by_key):
-        seen, rows = set(), []
-        for s in sorted(by_key[key], key=lambda r: r.get("sample_idx", 0)):
-            text = str(s["response"]).strip()
-            if text and text not in seen:
-                seen.add(text)
-                rows.append(s)
+    for key, rows in distinct_by_prompt(samples).items():
         cands = sorted(((a, b) for a in rows for b in rows if a["score"] > b["score"]),
                        key=lambda ab: (-(ab[0]["score"] - ab[1]["score"]), ab[0].get("sample_idx", 0),
                                        ab[1].get("sample_idx", 0)))

@@ -1,4 +1,5 @@
-"""Helpers every stage module uses: opening a model for generation, copying a checkpoint."""
+"""Helpers every stage module uses: opening a model for generation, copying a checkpoint, logging
+a training run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from closedloop.io import atomic_dir
+from closedloop.io import atomic_dir, write_json
 
 
 def open_backend(params: Any, root: Path, model_dir: str | Path, batch_size: int, show_progress: bool = False):
@@ -18,6 +19,17 @@ def open_backend(params: Any, root: Path, model_dir: str | Path, batch_size: int
     model, tok = load_model(root / model_dir, dtype=params.model.dtype,
                             trust_remote_code=params.model.trust_remote_code)
     return make_backend(DEFAULT_BACKEND, model, tok, batch_size=batch_size, show_progress=show_progress)
+
+
+def log_training(metrics: dict, out: Path) -> None:
+    """A trainer's metrics (feedback/*.py): its loss curve as MLflow steps, the rest to `out` (the
+    stage's DVC metrics file) and to MLflow (the numbers)."""
+    import mlflow
+
+    for step, loss in metrics.pop("loss_history", []):
+        mlflow.log_metric("train_loss", loss, step=step)
+    write_json(out, metrics)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def copy_model(src: Path, dst: Path) -> None:
@@ -45,6 +57,17 @@ def scored_samples(path: Path, where: str) -> list[dict]:
                             f"{missing or ['score']}")
         rows.append(row)
     return rows
+
+
+def eval_records(root: Path, name: str, suite: str, where: str) -> dict[str, dict]:
+    """{example key: record} of eval@<name>'s records in one suite (data/eval/<name>/records.jsonl)."""
+    from closedloop.errors import UserError
+    from closedloop.io import read_jsonl
+
+    path = root / "data/eval" / name / "records.jsonl"
+    if not path.is_file():
+        raise UserError(f"{where}: no evaluation records at {path} (is {name!r} in evaluate.models?)")
+    return {str(r["key"]): r for r in read_jsonl(path) if r["suite"] == suite}
 
 
 def chat(prompt: str) -> list[dict]:

@@ -23,7 +23,7 @@ import mlflow
 from closedloop.errors import UserError
 from closedloop.io import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
 from closedloop.methods import dct
-from closedloop.stages.common import open_backend
+from closedloop.stages.common import log_training, open_backend
 
 DATA = Path("data/dct")
 
@@ -172,13 +172,10 @@ def run_train(params: Any, root: Path, key: str | None) -> None:
     with atomic_dir(root / "models/dct") as tmp:
         metrics = train_sft(root / "models/base", examples, tmp, params.dct.sft.value(), seed=params.seed,
                             dtype=params.model.dtype)
-        for step, loss in metrics.pop("loss_history"):
-            mlflow.log_metric("train_loss", loss, step=step)
         if (tmp / "adapter").is_dir():
             mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
     metrics["true_fraction"] = sum(r["label"] for r in rows) / len(rows)
-    write_json(root / DATA / "train_metrics.json", metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_training(metrics, root / DATA / "train_metrics.json")
 
 
 def run_coherence(params: Any, root: Path, key: str | None) -> None:

@@ -22,7 +22,7 @@ import mlflow
 from closedloop.errors import UserError
 from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from closedloop.methods import proxy
-from closedloop.stages.common import chat, open_backend
+from closedloop.stages.common import chat, eval_records, log_training, open_backend
 
 MODELS = Path("models/proxy")
 DATA = Path("data/proxy")
@@ -59,7 +59,7 @@ def run_small(params: Any, root: Path, key: str | None) -> None:
                           temperature=s.kd_temperature, seed=params.seed, dtype=params.model.dtype)
     metrics |= {"layers": len(keep), "base_layers": base.config.num_hidden_layers,
                 "parameters": sum(p.numel() for p in small.parameters()), "distill_examples": len(conversations)}
-    _log(metrics, root / DATA / "small_metrics.json")
+    log_training(metrics, root / DATA / "small_metrics.json")
     write_json(root / DATA / "small_layers.json", {"kept": keep, "block_influence": [round(x, 6) for x in influence]})
 
 
@@ -73,14 +73,8 @@ def run_expert(params: Any, root: Path, key: str | None) -> None:
     with atomic_dir(root / MODELS / "expert") as tmp:
         metrics = train_sft(root / MODELS / "small", sft_examples(kept), tmp, params.proxy.expert_sft.value(),
                             seed=params.seed, dtype=params.model.dtype)
-    _log(metrics, root / DATA / "expert_metrics.json")
+    log_training(metrics, root / DATA / "expert_metrics.json")
 
-
-def _log(metrics: dict, out: Path) -> None:
-    for step, loss in metrics.pop("loss_history", []):
-        mlflow.log_metric("train_loss", loss, step=step)
-    write_json(out, metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def _load(params: Any, root: Path, location: str) -> tuple[Any, Any]:
@@ -101,16 +95,14 @@ def _load(params: Any, root: Path, location: str) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise UserError(f"proxy: cannot load {location!r} (not a directory here, nor a reachable hub id): "
                         f"{str(e).splitlines()[0]}") from None
-    return model.to("cuda") if torch.cuda.is_available() else model.eval(), tok
+    return (model.to("cuda") if torch.cuda.is_available() else model).eval(), tok
 
 
 def _strict(root: Path, name: str, keys: list[str], metric: str) -> list[float]:
-    path = root / "data/eval" / name / "records.jsonl"
-    if not path.is_file():
-        raise UserError(f"proxy: no evaluation records at {path} (is {name!r} in evaluate.models?)")
-    by_key = {str(r["key"]): r for r in read_jsonl(path) if r["suite"] == "instruction_following"}
+    by_key = eval_records(root, name, "instruction_following", "proxy")
     if missing := [k for k in keys if k not in by_key]:
-        raise UserError(f"proxy: {path} lacks {len(missing)} of the held-out prompts (rerun eval@{name})")
+        raise UserError(f"proxy: data/eval/{name}/records.jsonl lacks {len(missing)} of the held-out prompts "
+                        f"(rerun eval@{name})")
     return [by_key[k]["scores"][metric][0] / by_key[k]["scores"][metric][1] for k in keys]
 
 

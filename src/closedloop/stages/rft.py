@@ -17,7 +17,7 @@ import mlflow
 from closedloop.errors import UserError
 from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from closedloop.methods import rft
-from closedloop.stages.common import open_backend
+from closedloop.stages.common import log_training, open_backend
 
 DATA = Path("data/rft")
 TRAIN = Path("data/suite/train.jsonl")
@@ -74,12 +74,9 @@ def run_train(params: Any, root: Path, key: str | None) -> None:
     with atomic_dir(root / "models/rft") as tmp:
         metrics = train_sft(root / "models/base", rft.sft_examples(kept), tmp, params.rft.sft.value(), seed=params.seed,
                             dtype=params.model.dtype)
-        for step, loss in metrics.pop("loss_history"):
-            mlflow.log_metric("train_loss", loss, step=step)
         if (tmp / "adapter").is_dir():
             mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
-    write_json(root / DATA / "train_metrics.json", metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_training(metrics, root / DATA / "train_metrics.json")
 
 
 STAGES = {"rft_sample": run_sample, "rft_verify": run_verify, "rft_train": run_train}

@@ -20,7 +20,7 @@ import mlflow
 from closedloop.errors import UserError
 from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from closedloop.methods import rlhf
-from closedloop.stages.common import chat, open_backend, scored_samples
+from closedloop.stages.common import chat, eval_records, log_training, open_backend, scored_samples
 
 DATA = Path("data/rlhf")
 MODELS = Path("models/rlhf")
@@ -75,12 +75,6 @@ def run_prefs(params: Any, root: Path, key: str | None) -> None:
     mlflow.log_metrics(metrics)
 
 
-def _log_history(metrics: dict, out: Path) -> None:
-    for step, loss in metrics.pop("loss_history", []):
-        mlflow.log_metric("train_loss", loss, step=step)
-    write_json(out, metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
 
 def run_rm(params: Any, root: Path, key: str | None) -> None:
     from closedloop.feedback.reward_model import load_reward_model, reward_scores, train_reward_model
@@ -99,7 +93,7 @@ def run_rm(params: Any, root: Path, key: str | None) -> None:
         rejected = reward_scores(rm, tok, prompts, [q["rejected"][:cut] for q in evalset], params.rlhf.batch_size)
     metrics |= {"eval_pairwise_accuracy": rlhf.pairwise_accuracy(chosen, rejected), "eval_pairs": len(evalset),
                 "eval_mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(evalset)}
-    _log_history(metrics, root / DATA / "rm_metrics.json")
+    log_training(metrics, root / DATA / "rm_metrics.json")
 
 
 class _RewardModel:
@@ -153,14 +147,7 @@ def run_policy(params: Any, root: Path, key: str | None) -> None:
     write_json(root / DATA / "policy_steps.json", steps)
     metrics |= {"first_reward": steps[0]["reward"] if steps else 0.0,
                 "final_reward": steps[-1]["reward"] if steps else 0.0, "final_kl": steps[-1]["kl"] if steps else 0.0}
-    _log_history(metrics, root / DATA / "policy_metrics.json")
-
-
-def _eval_rows(root: Path, name: str) -> dict[str, dict]:
-    path = root / "data/eval" / name / "records.jsonl"
-    if not path.is_file():
-        raise UserError(f"rlhf.eval: no evaluation records at {path} (is {name!r} in evaluate.models?)")
-    return {str(r["key"]): r for r in read_jsonl(path) if r["suite"] == "instruction_following"}
+    log_training(metrics, root / DATA / "policy_metrics.json")
 
 
 def _kl_to_sft(params: Any, root: Path, prompts: list[list[dict]]) -> float:
@@ -196,7 +183,7 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
     """The RM as a judge of every model's greedy eval@ responses (same prompts), and the policy's KL."""
     e = params.rlhf.eval
     names = list(dict.fromkeys([params.evaluate.reference, e.sft_name, e.policy_name]))
-    rows = {n: _eval_rows(root, n) for n in names}
+    rows = {n: eval_records(root, n, "instruction_following", "rlhf.eval") for n in names}
     keys = sorted(set.intersection(*(set(r) for r in rows.values())))[: e.max_prompts]
     if not keys:
         raise UserError(f"rlhf.eval: {', '.join(names)} share no evaluated prompt")

@@ -25,7 +25,7 @@ import mlflow
 from closedloop.evaluate.instruction_following import METRICS
 from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from closedloop.methods import spar
-from closedloop.stages.common import copy_model, open_backend
+from closedloop.stages.common import copy_model, log_training, open_backend
 
 TRAIN = Path("data/suite/train.jsonl")
 
@@ -160,10 +160,7 @@ def _train(params: Any, root: Path, name: str, role: str, train) -> None:
     else:
         with atomic_dir(out) as tmp:
             metrics = train(start, examples, tmp, cfg, seed, dtype)
-            for step, loss in metrics.pop("loss_history", []):
-                mlflow.log_metric("train_loss", loss, step=step)
-    write_json(root / spar.data_dir(name) / f"{role}_train_metrics.json", metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_training(metrics, root / spar.data_dir(name) / f"{role}_train_metrics.json")
 
 
 def run_actor(params: Any, root: Path, name: str) -> None:

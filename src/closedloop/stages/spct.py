@@ -21,7 +21,7 @@ import mlflow
 from closedloop.errors import UserError
 from closedloop.io import atomic_dir, atomic_path, read_jsonl, write_json, write_jsonl
 from closedloop.methods import spct
-from closedloop.stages.common import open_backend, scored_samples
+from closedloop.stages.common import log_training, open_backend, scored_samples
 
 DATA = Path("data/spct")
 MODELS = Path("models/spct")
@@ -114,12 +114,6 @@ def run_rejective(params: Any, root: Path, key: str | None) -> None:
                                    for t in traj[:200]]), "trajectories.json")
 
 
-def _log_train(metrics: dict, out: Path) -> None:
-    for step, loss in metrics.pop("loss_history", []):
-        mlflow.log_metric("train_loss", loss, step=step)
-    write_json(out, metrics)
-    mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
 
 def run_rft(params: Any, root: Path, key: str | None) -> None:
     from closedloop.feedback.sft import train_sft
@@ -132,7 +126,7 @@ def run_rft(params: Any, root: Path, key: str | None) -> None:
     with atomic_dir(root / MODELS / "rft") as tmp:
         metrics = train_sft(root / "models/base", examples, tmp, params.spct.sft.value(), seed=params.seed,
                             dtype=params.model.dtype)
-    _log_train(metrics, root / DATA / "rft_metrics.json")
+    log_training(metrics, root / DATA / "rft_metrics.json")
 
 
 def run_grpo(params: Any, root: Path, key: str | None) -> None:
@@ -170,7 +164,7 @@ def run_grpo(params: Any, root: Path, key: str | None) -> None:
     write_json(root / DATA / "grpo_steps.json", history)
     metrics |= {"final_reward": history[-1]["reward"] if history else 0.0,
                 "first_reward": history[0]["reward"] if history else 0.0}
-    _log_train(metrics, root / DATA / "grpo_metrics.json")
+    log_training(metrics, root / DATA / "grpo_metrics.json")
 
 
 def run_rm(params: Any, root: Path, key: str | None) -> None:
@@ -192,7 +186,7 @@ def run_rm(params: Any, root: Path, key: str | None) -> None:
                               params.spct.meta_rm.value(), params.seed)
     write_json(root / MODELS / "meta_rm.json", meta)
     metrics |= {f"meta_rm_{k}": v for k, v in meta.items() if k.startswith("train_")}
-    _log_train(metrics, root / DATA / "rm_metrics.json")
+    log_training(metrics, root / DATA / "rm_metrics.json")
 
 
 def _best_of_n(params: Any, root: Path, eval_prompts: set[str]) -> tuple[list[dict], dict]:
