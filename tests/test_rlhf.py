@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import yaml
 
-from closedloop.methods import rlhf
+from closedloop.feedback.reward_model import conversational_pairs
+from closedloop.methods import rlhf, spct
 from conftest import copy_project, project_env
 
 
@@ -53,11 +54,11 @@ def test_split_holds_out_whole_prompts_and_keeps_a_prompts_pairs_side_by_side():
 def test_pairs_from_examples_and_the_metrics():
     ex = [{"key": "x", "prompt": "q", "responses": ["bad", "good", "worse"], "best": 1},
           {"key": "y", "prompt": "q2", "responses": ["only"], "best": None, "score": 7}]
-    pairs = rlhf.pairs_from_examples(ex)
+    pairs = spct.preference_pairs(ex)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("good", "bad"), ("good", "worse")]
     assert rlhf.pairwise_accuracy([2.0, 1.0, 0.0], [1.0, 1.0, 3.0]) == pytest.approx(0.5)
     assert (rlhf.win(1.0, 0.0), rlhf.win(0.0, 0.0), rlhf.win(-1.0, 0.0)) == (1.0, 0.5, 0.0)
-    rows = rlhf.reward_pairs(pairs, max_chars=3)
+    rows = conversational_pairs(pairs, max_chars=3)
     assert rows[0] == {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "goo"}],
                        "rejected": [{"role": "assistant", "content": "bad"}]}
 

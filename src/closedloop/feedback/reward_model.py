@@ -9,6 +9,7 @@ score head fully trained (`modules_to_save`), merged into a plain safetensors ch
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,13 @@ def load_reward_model(model_dir: Path, dtype: str = "float32", num_labels: int =
                                                                dtype=getattr(torch, dtype), use_safetensors=True)
     model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
     return tok, model
+
+
+def conversational_pairs(pairs: Sequence[dict], max_chars: int) -> list[dict]:
+    """Preference rows in TRL's conversational format (RewardTrainer renders them with the template)."""
+    return [{"prompt": [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"][:max_chars]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"][:max_chars]}]} for p in pairs]
 
 
 def train_reward_model(model_dir: Path, pairs: list[dict], out_dir: Path, p: Any, *, seed: int,
@@ -55,8 +63,6 @@ def train_reward_model(model_dir: Path, pairs: list[dict], out_dir: Path, p: Any
     out_dir.mkdir(parents=True, exist_ok=True)
     trained.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    import shutil
-
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
     return {"train_loss": float(result.training_loss), "train_pairs": len(pairs),
             "train_steps": int(result.global_step), "train_seconds": float(result.metrics.get("train_runtime", 0.0)),

@@ -110,19 +110,6 @@ def ranked_pairs(samples: Sequence[dict], score_key: str = "score") -> list[dict
     return out
 
 
-def pairs_from_examples(examples: Sequence[dict]) -> list[dict]:
-    """SPCT-style reward examples (responses + best) as preference rows: best against each other."""
-    out = []
-    for e in examples:
-        if e.get("best") is None:
-            continue
-        for i, r in enumerate(e["responses"]):
-            if i != e["best"]:
-                out.append({"key": f"{e['key']}-{i}", "group": str(e["key"]), "prompt": e["prompt"],
-                            "chosen": e["responses"][e["best"]], "rejected": r, "margin": 1.0})
-    return out
-
-
 def split_pairs(pairs: Sequence[dict], eval_fraction: float, max_pairs: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Held out by prompt (a prompt's pairs never straddle the split); train keeps whole prompts in
     a seeded group order, up to max_pairs."""
@@ -139,13 +126,6 @@ def split_pairs(pairs: Sequence[dict], eval_fraction: float, max_pairs: int, see
             break
         train += group
     return train, evalset
-
-
-def reward_pairs(pairs: Sequence[dict], max_chars: int) -> list[dict]:
-    """Preference rows in TRL's conversational format (RewardTrainer renders them with the template)."""
-    return [{"prompt": [{"role": "user", "content": p["prompt"]}],
-             "chosen": [{"role": "assistant", "content": p["chosen"][:max_chars]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"][:max_chars]}]} for p in pairs]
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:

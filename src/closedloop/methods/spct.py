@@ -194,6 +194,20 @@ def load_pair_file(path: Path, where: str, seed: int) -> list[dict]:
     return out
 
 
+def preference_pairs(examples: Sequence[dict]) -> list[dict]:
+    """Reward examples (responses + best) as preference rows, the best against each other response
+    (single-response examples have none): the scalar RM's data, here and in RLHF."""
+    out = []
+    for e in examples:
+        if e.get("best") is None:
+            continue
+        for i, r in enumerate(e["responses"]):
+            if i != e["best"]:
+                out.append({"key": f"{e['key']}-{i}", "group": str(e["key"]), "prompt": e["prompt"],
+                            "chosen": e["responses"][e["best"]], "rejected": r, "margin": 1.0})
+    return out
+
+
 def load_hub_pairs(dataset: str, split: str, seed: int) -> list[dict]:
     """A hub dataset (or local data file) with TRL / RewardBench columns."""
     import datasets

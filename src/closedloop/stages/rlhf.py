@@ -59,9 +59,9 @@ def run_prefs(params: Any, root: Path, key: str | None) -> None:
         else:
             pairs = rlhf.ranked_pairs(samples)
     elif p.source == "pairs":
-        pairs = rlhf.pairs_from_examples(spct.load_pair_file(root / p.pairs, "rlhf.prefs.pairs", params.seed))
+        pairs = spct.preference_pairs(spct.load_pair_file(root / p.pairs, "rlhf.prefs.pairs", params.seed))
     else:
-        pairs = rlhf.pairs_from_examples(spct.load_hub_pairs(p.hub_dataset, p.hub_split, params.seed))
+        pairs = spct.preference_pairs(spct.load_hub_pairs(p.hub_dataset, p.hub_split, params.seed))
     rlhf.check_pairs(pairs, f"rlhf.prefs ({p.source})")
     train, evalset = rlhf.split_pairs(pairs, p.eval_fraction, p.max_pairs, params.seed)
     if not train or not evalset:
@@ -77,14 +77,14 @@ def run_prefs(params: Any, root: Path, key: str | None) -> None:
 
 
 def run_rm(params: Any, root: Path, key: str | None) -> None:
-    from closedloop.feedback.reward_model import load_reward_model, reward_scores, train_reward_model
+    from closedloop.feedback.reward_model import conversational_pairs, load_reward_model, reward_scores, train_reward_model
 
     cut = params.rlhf.prefs.max_chars
     train = read_jsonl(root / DATA / "prefs_train.jsonl")
     evalset = read_jsonl(root / DATA / "prefs_eval.jsonl")
     with atomic_dir(root / MODELS / "rm") as tmp:
         # in order: a prompt's comparisons sit side by side (rlhf.split_pairs) and train together
-        metrics = train_reward_model(root / params.rlhf.sft_model, rlhf.reward_pairs(train, cut), tmp,
+        metrics = train_reward_model(root / params.rlhf.sft_model, conversational_pairs(train, cut), tmp,
                                      params.rlhf.rm.value(), seed=params.seed, dtype=params.model.dtype,
                                      in_order=True)
         tok, rm = load_reward_model(tmp, params.model.dtype)

@@ -168,14 +168,10 @@ def run_grpo(params: Any, root: Path, key: str | None) -> None:
 
 
 def run_rm(params: Any, root: Path, key: str | None) -> None:
-    from closedloop.feedback.reward_model import train_reward_model
+    from closedloop.feedback.reward_model import conversational_pairs, train_reward_model
 
     d = params.spct.data.max_chars
-    train = [e for e in read_jsonl(root / DATA / "train.jsonl") if e["best"] is not None]
-    pairs = [{"prompt": [{"role": "user", "content": e["prompt"]}],
-              "chosen": [{"role": "assistant", "content": e["responses"][e["best"]][:d]}],
-              "rejected": [{"role": "assistant", "content": e["responses"][i][:d]}]}
-             for e in train for i in range(len(e["responses"])) if i != e["best"]]
+    pairs = conversational_pairs(spct.preference_pairs(read_jsonl(root / DATA / "train.jsonl")), d)
     if not pairs:
         raise UserError(f"{DATA / 'train.jsonl'}: no ranked examples to train the scalar reward model on")
     with atomic_dir(root / MODELS / "rm") as tmp:
