@@ -33,7 +33,7 @@ def unbatched(models, tok, prompts, max_new_tokens: int, stop_ids: list[int]) ->
             caches = [o.past_key_values for o in outs]
             logits = [o.logits[:, -1] for o in outs]
             for _ in range(max_new_tokens):
-                nxt = int(combine(logits).argmax(-1))
+                nxt = int(combine(logits, [0]).argmax(-1))
                 if nxt in stop_ids:
                     break
                 tokens += 1

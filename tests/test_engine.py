@@ -167,7 +167,7 @@ def test_response_prefill_continues_assistant_message(tiny):
 
 
 def _proxy(alpha: float):
-    return lambda logits: logits[0] + alpha * (logits[1] - logits[2])
+    return lambda logits, prompts=(): logits[0] + alpha * (logits[1] - logits[2])
 
 
 def test_multi_model_alpha0_equals_plain(tiny):
@@ -185,7 +185,7 @@ def test_combined_logits_equal_direct_computation():
     seen: list[tuple[list[torch.Tensor], torch.Tensor]] = []
     stops = _engine(base, tok).stop_ids
 
-    def combine(logits: list[torch.Tensor]) -> torch.Tensor:
+    def combine(logits: list[torch.Tensor], prompts: list[int]) -> torch.Tensor:
         out = _proxy(alpha)(logits)
         seen.append(([x.clone() for x in logits], out.clone()))
         return out
@@ -223,7 +223,7 @@ def test_bfloat16_weights_sample_in_float32():
     model = model.to(torch.bfloat16)
     dtypes: set[torch.dtype] = set()
 
-    def combine(logits: list[torch.Tensor]) -> torch.Tensor:
+    def combine(logits: list[torch.Tensor], prompts: list[int]) -> torch.Tensor:
         dtypes.update(x.dtype for x in logits)
         return logits[0]
 

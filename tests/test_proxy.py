@@ -46,6 +46,22 @@ def test_base_equal_to_anti_expert_at_alpha_one_gives_the_expert(trio):
     assert _texts(proxy) == plain
 
 
+def test_an_alpha_sweep_in_one_batch_equals_each_alpha_decoded_alone(trio):
+    """per_prompt: the prompts repeated once per alpha, each copy combined with its own alpha, in
+    one call; greedy, each copy's text is that alpha's own decode."""
+    base, expert, anti, tok = trio
+    alphas = [0.0, 0.7, 2.5]
+    alone = [_texts(make_backend("proxy", [base, expert, anti], tok, alphas=[a], batch_size=3, show_progress=False))
+             for a in alphas]
+    swept = make_backend("proxy", [base, expert, anti], tok, alphas=[0.0], batch_size=5, show_progress=False,
+                         per_prompt=[[a] for a in alphas for _ in PROMPTS])
+    got = _texts(swept, PROMPTS * len(alphas))
+    assert [got[i * len(PROMPTS) : (i + 1) * len(PROMPTS)] for i in range(len(alphas))] == alone
+    assert alone[0] != alone[2]  # the alphas really steer differently
+    with pytest.raises(UserError, match="per-prompt alphas need 1"):
+        proxy_combine([1.0], per_prompt=[[1.0, 2.0]])
+
+
 def test_combined_logits_equal_three_direct_forwards_with_per_model_views(trio):
     """Base and anti-expert see the raw prompt, the expert its chat template (different lengths,
     left padding, one cache each); every step's combined logits equal a direct computation from
@@ -56,8 +72,8 @@ def test_combined_logits_equal_three_direct_forwards_with_per_model_views(trio):
     seen = []
     combine = proxy_combine([alpha])
 
-    def spy(logits):
-        out = combine(logits)
+    def spy(logits, prompts):
+        out = combine(logits, prompts)
         seen.append(out.clone())
         return out
 

@@ -12,7 +12,8 @@ the prompt of n samples is prefilled n times. This loop instead:
   steps write in place;
 - samples with an exact top-k-prefiltered nucleus (`sampling.sample_next`), in float32;
 - steps several models in lockstep, each with its own cache, and samples from
-  `combine([logits_model_0, logits_model_1, ...])` (float32), e.g. proxy tuning's
+  `combine([logits_model_0, logits_model_1, ...], prompts)` (float32; `prompts`: each row's index
+  in the caller's list, so a combination may differ per prompt), e.g. proxy tuning's
   base + alpha * (expert - anti_expert). All models must share the tokenizer;
 - writes scaffolds (`generate_scaffold`) in the same loop: a row that ends a segment is fed the
   next header as forced tokens and carries on, so its text is never re-encoded.
@@ -55,11 +56,12 @@ from closedloop.errors import UserError
 from closedloop.generate import (Completion, Prompt, SamplingParams, encode_prompt, first_stop, make_completion,
                                  raw_prompt, stop_token_ids)
 
-# combine(per-model float32 logits, each (rows, vocab)) -> (rows, vocab) float32 logits to sample from.
-Combine = Callable[[list[torch.Tensor]], torch.Tensor]
+# combine(per-model float32 logits, each (rows, vocab), each row's prompt index in the caller's list)
+# -> (rows, vocab) float32 logits to sample from.
+Combine = Callable[[list[torch.Tensor], list[int]], torch.Tensor]
 
 
-def _first(logits: list[torch.Tensor]) -> torch.Tensor:
+def _first(logits: list[torch.Tensor], prompts: list[int]) -> torch.Tensor:
     return logits[0]
 
 
@@ -105,7 +107,8 @@ class EngineBackend:
     """Continuous batching over `model(...)` forwards; `generate` satisfies GenerationBackend.
 
     model: one causal LM, or a list of them (same tokenizer) stepped together; then `combine`
-        maps their float32 next-token logits to the logits sampled from (required for > 1 model).
+        maps their float32 next-token logits (and each row's prompt index) to the logits sampled
+        from (required for > 1 model).
     batch_size: live sequences (rows) per forward.
     share_prefix: prefill a prompt once for its n samples (default True).
     templates: per model, whether a chat prompt is rendered with the chat template (True, the
@@ -125,7 +128,7 @@ class EngineBackend:
         if not self.models:
             raise UserError("generation: the engine needs at least one model")
         if len(self.models) > 1 and combine is None:
-            raise UserError("generation: several models need a combine(list_of_logits) -> logits callable")
+            raise UserError("generation: several models need a combine(list_of_logits, prompts) -> logits callable")
         self.model = self.models[0]
         self.tokenizer = tokenizer
         self.templates = list(templates) if templates is not None else [True] * len(self.models)
@@ -336,7 +339,7 @@ class _Run:
 
     def _sample(self, logits: list[torch.Tensor], seqs: list[_Seq]) -> tuple[list[int], torch.Tensor]:
         """(sampled token per row, the combined float32 logits they were sampled from)."""
-        combined = self.eng.combine(logits)
+        combined = self.eng.combine(logits, [s.prompt for s in seqs])
         p = self.params
         toks = sample_next(combined, p.temperature, p.top_p, self._uniforms(seqs), self.eng.prefilter_k).tolist()
         return toks, combined

@@ -17,20 +17,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from closedloop.errors import UserError
 
 
-def proxy_combine(alphas: Sequence[float]):
-    """combine([base, expert_1, anti_1, expert_2, anti_2, ...]) for the engine, in float32."""
-    alphas = list(alphas)
+def proxy_combine(alphas: Sequence[float], per_prompt: Sequence[Sequence[float]] | None = None):
+    """combine([base, expert_1, anti_1, expert_2, anti_2, ...], prompts) for the engine, in float32.
 
-    def combine(logits: list[Any]) -> Any:
-        if len(logits) != 1 + 2 * len(alphas):
-            raise ValueError(f"proxy: expected 1 + 2 x {len(alphas)} models' logits, got {len(logits)}")
+    per_prompt[i], when given, replaces `alphas` for the caller's prompt i: a sweep over alpha
+    decoded as one batch (the prompts repeated once per setting, so they share their prefills): on
+    2 cores, 96 rows of 64 greedy tokens from SmolLM2-135M took 27.0 s in one batch against 19.8 s
+    for 48 of them, 1.5x faster than the sweep one alpha at a time.
+    """
+    pairs = len(alphas)
+    table = torch.tensor([list(alphas)] if per_prompt is None else [list(a) for a in per_prompt], dtype=torch.float32)
+    if table.ndim != 2 or table.shape[1] != pairs:
+        raise UserError(f"proxy: per-prompt alphas need {pairs} value(s) each (one per expert pair), "
+                        f"got {list(table.shape)}")
+
+    def combine(logits: list[Any], prompts: list[int]) -> Any:
+        if len(logits) != 1 + 2 * pairs:
+            raise ValueError(f"proxy: expected 1 + 2 x {pairs} models' logits, got {len(logits)}")
         width = min(x.shape[-1] for x in logits)
+        rows = torch.tensor([0] * len(prompts) if per_prompt is None else prompts, dtype=torch.long)
+        alpha = table[rows].to(logits[0].device)  # (rows, pairs)
         out = logits[0][..., :width].float()
-        for i, alpha in enumerate(alphas):
-            out = out + alpha * (logits[1 + 2 * i][..., :width].float() - logits[2 + 2 * i][..., :width].float())
+        for i in range(pairs):
+            diff = logits[1 + 2 * i][..., :width].float() - logits[2 + 2 * i][..., :width].float()
+            out = out + alpha[:, i : i + 1] * diff
         return out
 
     return combine
@@ -53,11 +68,12 @@ def check_vocabularies(names: Sequence[str], tokenizers: Sequence[Any], models: 
 
 
 def proxy_backend(models: Sequence[Any], tokenizer: Any, alphas: Sequence[float], templates: Sequence[bool] | None = None,
-                  **kw: Any):
-    """The engine over [base, expert, anti_expert, ...] with the proxy combination."""
+                  per_prompt: Sequence[Sequence[float]] | None = None, **kw: Any):
+    """The engine over [base, expert, anti_expert, ...] with the proxy combination (`per_prompt`:
+    see proxy_combine)."""
     from closedloop.engine.backend import EngineBackend
 
     if len(models) != 1 + 2 * len(alphas):
         raise UserError(f"proxy: expected a base and an (expert, anti-expert) pair per alpha, got {len(models)} "
                         f"models for {len(alphas)} alpha(s)")
-    return EngineBackend(list(models), tokenizer, combine=proxy_combine(alphas), templates=templates, **kw)
+    return EngineBackend(list(models), tokenizer, combine=proxy_combine(alphas, per_prompt), templates=templates, **kw)

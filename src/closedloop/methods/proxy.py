@@ -85,7 +85,8 @@ class ProxyConfig:
     expert_sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=6e-4, epochs=1.0))
     speed_prompts: int = field(default=16, metadata=bounds(ge=1))  # tokens/s: proxy vs the base alone
     speed_tokens: int = field(default=32, metadata=bounds(ge=1, le=100_000))
-    batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))
+    # rows per forward; proxy_eval decodes every alpha's copy of the held-out prompts in one call
+    batch_size: int = field(default=96, metadata=bounds(ge=1, le=4096))
 
     def __post_init__(self) -> None:
         if not self.alphas:

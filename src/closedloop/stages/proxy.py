@@ -135,14 +135,17 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
     keys = [str(r["key"]) for r in examples]
     base = _strict(root, params.evaluate.reference, keys, "prompt_level_strict")
     tuned = _strict(root, p.tuned, keys, "prompt_level_strict")
-    for alpha in p.alphas:
-        backend = make_backend("proxy", models, tok, alphas=[alpha], templates=templates, batch_size=p.batch_size,
-                               show_progress=False)
-        rows = [{**r, "model": proxy.row_name(alpha)} for r in suite.run(params, examples, backend)]
+    # every alpha in one batch: the held-out prompts once per alpha, each copy steered by its own
+    backend = make_backend("proxy", models, tok, alphas=p.alphas[:1], templates=templates,
+                           batch_size=p.batch_size, show_progress=False,
+                           per_prompt=[[a] for a in p.alphas for _ in examples])
+    swept = suite.run(params, examples * len(p.alphas), backend)
+    for i, alpha in enumerate(p.alphas):
+        name = proxy.row_name(alpha)
+        rows = [{**r, "model": name} for r in swept[i * len(examples) : (i + 1) * len(examples)]]
         records += rows
         strict = [r["scores"]["prompt_level_strict"][0] / r["scores"]["prompt_level_strict"][1] for r in rows]
         gap = proxy.gap_closed(base, tuned, strict, params.evaluate.bootstrap, params.seed)
-        name = proxy.row_name(alpha)
         metrics |= {f"{name}/gap_closed": gap["value"], f"{name}/gap_closed_ci_low": gap["ci_low"],
                     f"{name}/gap_closed_ci_high": gap["ci_high"], f"{name}/prompt_level_strict": sum(strict) / len(strict)}
         metrics["tuned_gain"] = gap["tuned_gain"]
