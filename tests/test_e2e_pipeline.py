@@ -213,6 +213,11 @@ def test_changing_one_param_reruns_only_downstream(project):
     status = set(dvc(root, env, "status").split())
     assert not {"rft_sample:", "rft_verify:", "rft_train:", "eval@rft:"} & status
     assert {"rlhf_rm:", "proxy_expert:", "compare:"} <= status
+    # back to the first run's param: DVC's run cache restores RFT's earlier outputs, running nothing,
+    # and the methods downstream of them are up to date again
+    set_params(root, {"rft": {"num_samples": TINY_PARAMS["rft"]["num_samples"]}})
+    assert "Running stage" not in dvc(root, env, "repro")
+    assert changed_stages(root, env) == set()
 
 
 def test_target_runs_only_its_ancestry(project):
@@ -222,7 +227,9 @@ def test_target_runs_only_its_ancestry(project):
     assert stages_run(proc) == {"eval@base"}
     # eval@rft depends on the same param and is now stale, but was not a target
     assert "eval@rft" in dvc(root, env, "status")
-    dvc(root, env, "repro")
+    set_params(root, {"evaluate": {"max_new_tokens": TINY_PARAMS["evaluate"]["max_new_tokens"]}})
+    assert "Running stage" not in dvc(root, env, "repro")  # eval@base's earlier outputs, from the run cache
+    assert changed_stages(root, env) == set()
 
 
 def changed_stages(root, env) -> set[str]:
