@@ -40,8 +40,12 @@ def proxy_combine(alphas: Sequence[float], per_prompt: Sequence[Sequence[float]]
         if len(logits) != 1 + 2 * pairs:
             raise ValueError(f"proxy: expected 1 + 2 x {pairs} models' logits, got {len(logits)}")
         width = min(x.shape[-1] for x in logits)
-        rows = torch.tensor([0] * len(prompts) if per_prompt is None else prompts, dtype=torch.long)
-        alpha = table[rows].to(logits[0].device)  # (rows, pairs)
+        if per_prompt is None:
+            alpha = table.to(logits[0].device)  # (1, pairs): the same for every row
+        else:
+            if max(prompts, default=0) >= len(table):
+                raise ValueError(f"proxy: per-prompt alphas cover {len(table)} prompts, got prompt {max(prompts)}")
+            alpha = table[torch.tensor(prompts, dtype=torch.long)].to(logits[0].device)  # (rows, pairs)
         out = logits[0][..., :width].float()
         for i in range(pairs):
             diff = logits[1 + 2 * i][..., :width].float() - logits[2 + 2 * i][..., :width].float()

@@ -136,6 +136,7 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
     base = _strict(root, params.evaluate.reference, keys, "prompt_level_strict")
     tuned = _strict(root, p.tuned, keys, "prompt_level_strict")
     # every alpha in one batch: the held-out prompts once per alpha, each copy steered by its own
+    # (`alphas` says there is one expert pair; `per_prompt` gives each prompt's alpha for it)
     backend = make_backend("proxy", models, tok, alphas=p.alphas[:1], templates=templates,
                            batch_size=p.batch_size, show_progress=False,
                            per_prompt=[[a] for a in p.alphas for _ in examples])
