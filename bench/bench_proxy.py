@@ -5,6 +5,11 @@ models' plain decode times.
     .venv/bin/python bench/bench_proxy.py --base models/base --expert models/proxy/expert \\
         --anti-expert models/proxy/small --prompts 16 --max-new-tokens 48
 Greedy, float32, alpha 1. Run alone on the machine. Prints a table and one JSON line.
+
+    .venv/bin/python bench/bench_proxy.py --layers 10 15 20
+instead measures proxy_small's choice of layers: for each count, the NLL (nats per response token)
+of models/base cut to its most influential layers (block influence) and to evenly spaced ones,
+before any distillation, on the base's own responses (data/rft/samples.jsonl), beside the base's.
 """
 
 from __future__ import annotations
@@ -43,6 +48,43 @@ def unbatched(models, tok, prompts, max_new_tokens: int, stop_ids: list[int]) ->
     return tokens
 
 
+def layer_nll(base_dir: Path, counts: list[int], n: int) -> None:
+    """NLL on the base's responses of the base cut to `counts` layers, by influence and evenly."""
+    import torch
+
+    from closedloop.io import read_jsonl
+    from closedloop.methods import proxy
+    from closedloop.models import load_model
+
+    base, tok = load_model(base_dir)
+    rows = [r for r in read_jsonl(ROOT / "data/rft/samples.jsonl") if r["sample_idx"] == 0][:n]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
+                                       add_generation_prompt=True, return_dict=False) for r in rows]
+    full = [p + tok.encode(r["response"], add_special_tokens=False) for p, r in zip(prompts, rows)]
+    width = max(map(len, full))
+    ids = torch.tensor([f + [tok.pad_token_id] * (width - len(f)) for f in full])
+    mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in full])
+    labels = ids.clone()
+    for i, (p, f) in enumerate(zip(prompts, full)):
+        labels[i, : len(p)] = -100
+        labels[i, len(f):] = -100
+
+    def nll(model) -> float:
+        with torch.no_grad():
+            return round(float(model(input_ids=ids, attention_mask=mask, labels=labels).loss), 2)
+
+    influence = proxy.block_influence(base, ids, mask)
+    total = len(influence)
+    out = {"base": {"layers": total, "nll": nll(base)}}
+    for k in counts:
+        evenly = sorted({round(i * (total - 1) / max(k - 1, 1)) for i in range(k)})
+        out[f"influence-{k}"] = {"layers": k, "nll": nll(proxy.derive_small(base, proxy.most_influential(influence, k)))}
+        out[f"evenly-{k}"] = {"layers": len(evenly), "nll": nll(proxy.derive_small(base, evenly))}
+    for name, r in out.items():
+        print(f"{name:14s} {r['layers']:>3} layers  NLL {r['nll']:6.2f}")
+    print(json.dumps(out))
+
+
 def main() -> None:
     from closedloop.generate import SamplingParams, make_backend
     from closedloop.io import read_jsonl
@@ -54,7 +96,11 @@ def main() -> None:
     ap.add_argument("--anti-expert", default=str(ROOT / "models/proxy/small"))
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--layers", type=int, nargs="+", help="measure proxy_small's layer counts instead (NLL)")
+    ap.add_argument("--texts", type=int, default=24, help="with --layers: the base's responses scored")
     args = ap.parse_args()
+    if args.layers:
+        return layer_nll(Path(args.base), args.layers, args.texts)
     loaded = [load_model(Path(p)) for p in (args.base, args.expert, args.anti_expert)]
     models, tok = [m for m, _ in loaded], loaded[0][1]
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in read_jsonl(ROOT / "data/suite/eval.jsonl")][: args.prompts]
