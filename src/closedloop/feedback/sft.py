@@ -17,11 +17,11 @@ def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *,
               dtype: str = "float32") -> dict:
     """Train on `examples` from the checkpoint in model_dir; save into out_dir (see `save_trained`)."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tok, model = load_for_training(model_dir, dtype, seed)
-    trainer = SFTTrainer(
+    trainer = sft_trainer_class()(
         model=model,
         args=SFTConfig(**trainer_args(out_dir, sft, seed=seed, dtype=dtype)),
         train_dataset=Dataset.from_list(examples),
@@ -38,3 +38,55 @@ def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *,
         "saved": saved,
         "loss_history": loss_history(trainer),
     }
+
+
+def sft_trainer_class():
+    """SFTTrainer, with the completion loss computed directly on CPU.
+
+    TRL 1.16 always computes the loss through its fused LM head. Without Triton (CPU) that head
+    scores every position, prompt and padding included, in tiles of a dozen torch ops each way:
+    ~half of a demo SFT step on 2 cores. On CPU the logits of the completion tokens alone fit in
+    memory, so this projects only those and takes the plain cross-entropy: the same loss and
+    metrics (tests/test_sft_loss.py compares both). GPUs keep TRL's path, which never
+    materialises the logits."""
+    import torch
+    from trl import SFTTrainer
+
+    class CompletionLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self._direct_loss(model, return_outputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            unwrapped = self.accelerator.unwrap_model(model)
+            causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            backbone_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            # The backbone alone (PEFT's LoRA layers sit inside it), as TRL's fused forward calls it.
+            hidden = causal_lm.base_model(**backbone_inputs, use_cache=False).last_hidden_state[:, :-1]
+            labels = inputs["labels"][:, 1:]
+            mask = labels != -100
+            logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
+            targets = labels[mask]
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = nll / torch.as_tensor(num_tokens).clamp(min=1)  # one process: no cross-rank scaling
+            with torch.no_grad():  # the metrics TRL logs from its fused outputs
+                log_p = torch.log_softmax(logits, dim=-1)
+                entropy = -(log_p.exp() * log_p).sum(-1)
+                n = max(int(mask.sum()), 1)
+                self._metrics[mode]["entropy"].append(float(entropy.sum()) / n)
+                self._metrics[mode]["mean_token_accuracy"].append(
+                    float((logits.argmax(-1) == targets).sum()) / n)
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def _direct_loss(self, model, return_outputs: bool) -> bool:
+            """Only the plain case on CPU: anything else (other loss types, label smoothing, MoE aux
+            loss, padding-free batches, parallelism) goes to TRL's own path."""
+            return (next(model.parameters()).device.type == "cpu" and not return_outputs
+                    and self.args.loss_type == "nll" and self.label_smoother is None
+                    and self.compute_loss_func is None and not self.aux_loss_enabled
+                    and not self.args.padding_free and self.accelerator.num_processes == 1)
+
+    return CompletionLossSFTTrainer
