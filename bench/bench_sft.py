@@ -19,17 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(trainer_cls, examples: list[dict], sft, steps: int, seed: int) -> dict:
-    from datasets import Dataset
-    from trl import SFTConfig
+    from closedloop.feedback.sft import sft_trainer
 
-    from closedloop.feedback.common import load_for_training, lora_config, trainer_args
-
-    tok, model = load_for_training(ROOT / "models/base", "float32", seed)
     with tempfile.TemporaryDirectory() as tmp:
-        args = {**trainer_args(Path(tmp), sft, seed=seed, dtype="float32"), "max_steps": steps}
-        trainer = trainer_cls(model=model, args=SFTConfig(**args), train_dataset=Dataset.from_list(examples),
-                              processing_class=tok,
-                              peft_config=lora_config(sft.lora) if sft.lora.enabled else None)
+        trainer = sft_trainer(ROOT / "models/base", examples, Path(tmp), sft, seed=seed, trainer_cls=trainer_cls,
+                              max_steps=steps)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start

@@ -8,12 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from closedloop.config import LoraParams, SFTParams
-from closedloop.feedback.common import load_for_training, lora_config, trainer_args
-from closedloop.feedback.sft import sft_trainer_class
+from closedloop.feedback.sft import sft_trainer
 
 EXAMPLES = [
     {"prompt": [{"role": "user", "content": "what is two plus two ?"}],
@@ -28,10 +26,7 @@ EXAMPLES = [
 
 def _trainer(model_dir, tmp_path, lora: bool):
     p = SFTParams(batch_size=3, max_length=64, lora=LoraParams(enabled=lora, r=4, alpha=8))
-    tok, model = load_for_training(model_dir, "float32", 0)
-    return sft_trainer_class()(model=model, args=SFTConfig(**trainer_args(tmp_path, p, seed=0, dtype="float32")),
-                               train_dataset=Dataset.from_list(EXAMPLES), processing_class=tok,
-                               peft_config=lora_config(p.lora) if lora else None)
+    return sft_trainer(model_dir, EXAMPLES, tmp_path, p, seed=0)
 
 
 def _loss_grads_metrics(trainer, compute_loss, batch, num_items):

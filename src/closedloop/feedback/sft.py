@@ -7,6 +7,7 @@ only. LoRA (PEFT) by default; `lora.enabled: false` trains every weight. Under
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +17,10 @@ from closedloop.feedback.common import load_for_training, loss_history, lora_con
 def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *, seed: int,
               dtype: str = "float32") -> dict:
     """Train on `examples` from the checkpoint in model_dir; save into out_dir (see `save_trained`)."""
-    from datasets import Dataset
-    from trl import SFTConfig
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    tok, model = load_for_training(model_dir, dtype, seed)
-    trainer = sft_trainer_class()(
-        model=model,
-        args=SFTConfig(**trainer_args(out_dir, sft, seed=seed, dtype=dtype)),
-        train_dataset=Dataset.from_list(examples),
-        processing_class=tok,
-        peft_config=lora_config(sft.lora) if sft.lora.enabled else None,
-    )
+    trainer = sft_trainer(model_dir, examples, out_dir, sft, seed=seed, dtype=dtype)
     result = trainer.train()
-    saved = save_trained(trainer, tok, model_dir, out_dir, sft, dtype=dtype)
+    saved = save_trained(trainer, trainer.processing_class, model_dir, out_dir, sft, dtype=dtype)
     return {
         "train_loss": float(result.training_loss),
         "train_examples": len(examples),
@@ -40,6 +31,24 @@ def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *,
     }
 
 
+def sft_trainer(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *, seed: int,
+                dtype: str = "float32", trainer_cls: type | None = None, **config: Any):
+    """The trainer train_sft runs (this module's class unless `trainer_cls`; extra SFTConfig
+    fields in `config`): the benchmark and the tests build theirs here too."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    tok, model = load_for_training(Path(model_dir), dtype, seed)
+    return (trainer_cls or sft_trainer_class())(
+        model=model,
+        args=SFTConfig(**trainer_args(Path(out_dir), sft, seed=seed, dtype=dtype), **config),
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tok,
+        peft_config=lora_config(sft.lora) if sft.lora.enabled else None,
+    )
+
+
+@functools.cache
 def sft_trainer_class():
     """SFTTrainer, with the completion loss computed directly on CPU.
 
@@ -64,18 +73,16 @@ def sft_trainer_class():
             hidden = causal_lm.base_model(**backbone_inputs, use_cache=False).last_hidden_state[:, :-1]
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
-            logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
             targets = labels[mask]
-            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = nll / torch.as_tensor(num_tokens).clamp(min=1)  # one process: no cross-rank scaling
-            with torch.no_grad():  # the metrics TRL logs from its fused outputs
-                log_p = torch.log_softmax(logits, dim=-1)
-                entropy = -(log_p.exp() * log_p).sum(-1)
-                n = max(int(mask.sum()), 1)
-                self._metrics[mode]["entropy"].append(float(entropy.sum()) / n)
+            # One log-softmax serves the loss (cross-entropy) and the metrics TRL logs.
+            log_p = torch.log_softmax(causal_lm.get_output_embeddings()(hidden[mask]).float(), dim=-1)
+            nll = -log_p.gather(-1, targets.unsqueeze(-1)).sum()
+            n = targets.numel()
+            loss = nll / torch.as_tensor(n if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
+            with torch.no_grad():
+                self._metrics[mode]["entropy"].append(float(-(log_p.exp() * log_p).sum()) / max(n, 1))
                 self._metrics[mode]["mean_token_accuracy"].append(
-                    float((logits.argmax(-1) == targets).sum()) / n)
+                    float((log_p.argmax(-1) == targets).sum()) / max(n, 1))
             if mode == "train":
                 self._total_train_tokens += int(inputs["attention_mask"].sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
