@@ -86,7 +86,8 @@ def prefect_home(tmp_path_factory) -> Path:
 
 TINY_PARAMS = {
     "prepare": {"num_train": 8, "num_eval": 6, "max_constraints": 2},
-    "rft": {"num_samples": 2, "max_new_tokens": 12, "batch_size": 8, "threshold": 0.5,
+    # 4 samples of up to 24 tokens: enough of the random model's samples end on EOS (RFT keeps only those)
+    "rft": {"num_samples": 4, "max_new_tokens": 24, "batch_size": 8, "threshold": 0.5,
             "sft": {"epochs": 1, "batch_size": 4, "max_length": 128, "lora": {"r": 4, "alpha": 8}}},
     "evaluate": {"max_new_tokens": 12, "batch_size": 8, "bootstrap": 50},
     "spar": {

@@ -110,7 +110,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert "rft/prompt_level_strict_diff_ci_low" in by_stage["compare"].data.metrics
     assert "sample_pass_rate" in by_stage["rft_verify"].data.metrics
     assert "train_loss" in by_stage["rft_train"].data.metrics
-    assert by_stage["rft_sample"].data.params["rft.num_samples"] == "2"
+    assert by_stage["rft_sample"].data.params["rft.num_samples"] == str(TINY_PARAMS["rft"]["num_samples"])
     # the lock hash tag matches what DVC locked for that stage
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == ALL_STAGES
@@ -201,7 +201,7 @@ def test_second_run_executes_nothing_and_dvc_is_clean(project):
 
 def test_changing_one_param_reruns_only_downstream(project):
     root, env, _ = project
-    set_params(root, {"rft": {"num_samples": 3}})
+    set_params(root, {"rft": {"num_samples": 6}})
     third = run_flow(root, env, "--target", "rft")
     ran = stages_run(third)
     assert "rft_sample" in ran

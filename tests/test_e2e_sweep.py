@@ -42,7 +42,7 @@ def swept(tmp_path_factory, tiny_model_dir):
                         "GIT_COMMITTER_EMAIL": "t@t", "PATH": project_env(root, root)["PATH"]})
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
     dvc(root, env, "exp", "run", "-n", "ns3", "-S", "rft.num_samples=3", "eval@rft")
-    dvc(root, env, "exp", "run", "--queue", "-S", "rft.num_samples=2,4", "eval@rft")  # a grid: 2 experiments
+    dvc(root, env, "exp", "run", "--queue", "-S", "rft.num_samples=5,6", "eval@rft")  # a grid: 2 experiments
     dvc(root, env, "exp", "run", "--run-all", "-j", "1")
     show = json.loads(dvc(root, env, "exp", "show", "--json"))
     return root, experiments(show)
@@ -57,7 +57,7 @@ def test_exp_show_lists_each_experiment_with_its_params_and_metrics(swept):
         seen[params["rft"]["num_samples"]] = name
         metrics = data["metrics"][METRICS]["data"]
         assert 0.0 <= metrics["prompt_level_strict"] <= 1.0
-    assert sorted(seen) == [2, 3, 4]
+    assert sorted(seen) == [3, 5, 6]
     assert seen[3] == "ns3"
 
 

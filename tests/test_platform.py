@@ -128,8 +128,9 @@ def test_a_cycle_is_one_clear_error():
         execution_order({"x": ["y"], "y": ["x"]})
 
 
-def _row(key, idx, response, score):
-    return {"key": key, "prompt": f"p{key}", "sample_idx": idx, "response": response, "score": score}
+def _row(key, idx, response, score, finish_reason="stop"):
+    return {"key": key, "prompt": f"p{key}", "sample_idx": idx, "response": response, "score": score,
+            "finish_reason": finish_reason}
 
 
 def test_rft_select_keeps_best_distinct_passing_samples_per_prompt():
@@ -141,6 +142,12 @@ def test_rft_select_keeps_best_distinct_passing_samples_per_prompt():
         {"key": 2, "prompt": "p2", "response": "a", "score": 1.0, "sample_idx": 0}]
 
 
+def test_rft_select_drops_a_passing_sample_cut_at_the_token_limit():
+    scored = [_row(1, 0, "cut mid-sen", 1.0, "length"), _row(1, 1, "whole.", 1.0), _row(2, 0, "cut", 1.0, "length")]
+    kept = select(scored, threshold=1.0, max_per_prompt=4)
+    assert [(r["key"], r["response"]) for r in kept] == [(1, "whole.")]
+
+
 def _records(flags: list[int]) -> list[dict]:
     return [{"suite": "s", "key": i, "scores": {"acc": [float(f), 1.0]}, "breakdown": {"g": [float(f), 1.0]}}
             for i, f in enumerate(flags)]
@@ -149,7 +156,7 @@ def _records(flags: list[int]) -> list[dict]:
 def test_paired_bootstrap_known_answers():
     a, b = np.array([1, 0, 1, 1, 0, 1, 0, 1.0]), np.ones(8)
     same = paired_difference(a, b, a, b, 500, 0)
-    assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # identical models: no uncertainty at all
+    assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0}  # identical models: no uncertainty at all
     plus = np.minimum(a + 1, 1)  # b fixes every failure of a
     d = paired_difference(plus, b, a, b, 500, 0)
     assert d["value"] == pytest.approx(3 / 8) and 0 <= d["ci_low"] <= d["value"] <= d["ci_high"] <= 1
@@ -159,6 +166,7 @@ def test_paired_bootstrap_known_answers():
     idx = np.concatenate([idx, rng.integers(0, 8, size=(244, 8))])
     boots = plus[idx].mean(axis=1) - a[idx].mean(axis=1)
     assert d["ci_low"] == pytest.approx(np.quantile(boots, 0.025)) and d["ci_high"] == pytest.approx(np.quantile(boots, 0.975))
+    assert d["se"] == pytest.approx(boots.std(ddof=1))
 
 
 def test_paired_interval_is_tighter_than_independent_ones():

@@ -56,6 +56,42 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok")
 
 
+def cmd_effect(args: argparse.Namespace) -> None:
+    import shlex
+
+    import yaml
+
+    from closedloop.effects import run_effect
+
+    extra = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prepare.num_eval=200")
+        extra[key] = yaml.safe_load(value)
+    command = shlex.join(["closedloop", "effect", args.run, *[a for s in args.set or [] for a in ("--set", s)]])
+    out = run_effect(Path.cwd(), args.run, extra, command)
+    print(f"wrote {out.relative_to(Path.cwd())}; `closedloop results` updates the README's table")
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    from closedloop.effects import load_results, render_readme
+
+    root = Path.cwd()
+    readme = root / "README.md"
+    current = readme.read_text(encoding="utf-8")
+    rendered = render_readme(current, load_results(root))
+    if args.check:
+        if rendered != current:
+            raise UserError("README.md: the results table differs from results/*.json; run `closedloop results`")
+        print("README.md: results table matches results/*.json")
+    elif rendered != current:
+        from closedloop.io import write_text
+
+        write_text(readme, rendered)
+        print("README.md: results table updated")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="closedloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output JSONL (default: INPUT.verified.jsonl)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("effect", help="run an effect run (experiments/RUN.yaml) as a DVC experiment; "
+                                      "writes results/RUN.json")
+    p.add_argument("run", help="the name of a file in experiments/, without .yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="one more params override on top of the run's (repeatable); recorded in its command")
+    p.set_defaults(func=cmd_effect)
+    p = sub.add_parser("results", help="regenerate the README's results table from results/*.json")
+    p.add_argument("--check", action="store_true", help="exit 2 if the README's table is not what the files give")
+    p.set_defaults(func=cmd_results)
     p = sub.add_parser("params", help="validate params.yaml")
     p.add_argument("params", nargs="?", default="params.yaml")
     p.set_defaults(func=cmd_params)

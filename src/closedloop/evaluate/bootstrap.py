@@ -41,8 +41,9 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int
 
 def paired_difference(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray,
                       n_bootstrap: int, seed: int, confidence: float = 0.95) -> dict[str, float]:
-    """{value, ci_low, ci_high} of metric(a) - metric(b) over the same examples (row i of a and b
-    is the same example), resampling example indices once for both."""
+    """{value, ci_low, ci_high, se} of metric(a) - metric(b) over the same examples (row i of a and
+    b is the same example), resampling example indices once for both; `se` is the replicates'
+    standard deviation, the paired standard error."""
     arrays = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
     if len({len(x) for x in arrays}) != 1:
         raise ValueError("paired_difference: both models must be scored on the same examples")
@@ -50,8 +51,8 @@ def paired_difference(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, d
     value = float(_ratio(na.sum(keepdims=True), da.sum(keepdims=True))[0]
                   - _ratio(nb.sum(keepdims=True), db.sum(keepdims=True))[0])
     if n_bootstrap == 0 or len(na) == 0:
-        return {"value": value, "ci_low": value, "ci_high": value}
+        return {"value": value, "ci_low": value, "ci_high": value, "se": 0.0}
     boots = np.concatenate([_ratio(na[i].sum(axis=1), da[i].sum(axis=1)) - _ratio(nb[i].sum(axis=1), db[i].sum(axis=1))
                             for i in _replicates(len(na), n_bootstrap, seed)])
     lo, hi = np.quantile(boots, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
-    return {"value": value, "ci_low": float(lo), "ci_high": float(hi)}
+    return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "se": float(boots.std(ddof=1)) if len(boots) > 1 else 0.0}

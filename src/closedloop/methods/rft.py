@@ -1,8 +1,10 @@
 """Rejection-sampling fine-tuning (RFT): the baseline closed loop, as a recipe over plain rows.
 
     search   best-of-N: `num_samples` completions per train prompt
-    verify   a registered verifier (IFEval rules by default) scores each sample; samples scoring
-             at least `threshold` are kept, at most `max_per_prompt` distinct ones per prompt
+    verify   a registered verifier (IFEval rules by default) scores each sample; samples that
+             ended on EOS and score at least `threshold` are kept, at most `max_per_prompt`
+             distinct ones per prompt (a sample cut at `max_new_tokens` is never kept: SFT on it
+             would teach the model to stop mid-sentence)
     feedback SFT on the kept (prompt, response) pairs (TRL, LoRA by default)
 
 The stages (stages/rft.py) read and write files; everything here is rows in, rows out.
@@ -67,12 +69,17 @@ def score_samples(verifier: Any, samples: Sequence[dict]) -> list[dict]:
     return [{**s, "passed": v.passed, "score": v.score, "details": v.details} for s, v in zip(samples, verdicts)]
 
 
+def is_truncated(sample: dict) -> bool:
+    """Whether generation stopped at the token limit instead of at EOS."""
+    return sample["finish_reason"] != "stop"
+
+
 def select(scored: Sequence[dict], threshold: float, max_per_prompt: int) -> list[dict]:
-    """Feedback data: per prompt, up to `max_per_prompt` distinct non-empty responses scoring
-    >= threshold, best first (ties: lower sample index first); prompts in key order."""
+    """Feedback data: per prompt, up to `max_per_prompt` distinct non-empty responses that ended
+    on EOS and score >= threshold, best first (ties: lower sample index first); prompts in key order."""
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in scored:
-        if row["score"] >= threshold:
+        if row["score"] >= threshold and not is_truncated(row):
             by_prompt[str(row["key"])].append(row)
     kept = []
     for key in sorted(by_prompt):

@@ -52,6 +52,8 @@ def run_verify(params: Any, root: Path, key: str | None) -> None:
         "num_samples": len(samples),
         "sample_pass_rate": len(passing) / max(1, len(samples)),
         "prompt_pass_at_n": len({str(s["key"]) for s in passing}) / max(1, len(prompts)),
+        "num_truncated": sum(map(rft.is_truncated, samples)),  # cut at rft.max_new_tokens: never kept
+        "num_truncated_passing": sum(rft.is_truncated(s) for s in passing),
         "num_kept": len(kept),
         "prompts_kept": len({str(s["key"]) for s in kept}),
     }
