@@ -25,7 +25,9 @@ def spar_project(tmp_path_factory, tiny_model_dir, prefect_home):
 
 def test_one_iteration_through_the_flow(spar_project):
     root, env, proc = spar_project
-    expected = {"base", "prepare", "facts", "spar_init", "eval@spar-it1"} | {f"{s}@it1" for s in STEPS}
+    # eval@base: its held-out responses are the fixed set every judge (spar_eval_init, spar_eval) judges
+    expected = ({"base", "prepare", "facts", "spar_init", "spar_eval_init", "eval@base", "eval@spar-it1"}
+                | {f"{s}@it1" for s in STEPS})
     assert stages_run(proc) == expected
     parents, children = pipeline_runs(root)
     nested = children[parents[-1].info.run_id]
@@ -37,6 +39,12 @@ def test_one_iteration_through_the_flow(spar_project):
     eval_metrics = by_stage["spar_eval@it1"].data.metrics
     assert "refiner_judge_f1" in eval_metrics
     assert "search_prompt_level_strict" in eval_metrics  # the "+search" row (spar.eval_search)
+    refine = by_stage["spar_refine@it1"].data.metrics
+    assert sum(refine[f"success_depth_{d}"] for d in (1, 2, 3)) == refine["successful_trees"]
+    judges = {name: [json.loads(line) for line in (root / f"data/spar/judge/{name}/records.jsonl").open()]
+              for name in ("base", "init", "it1")}
+    assert len({tuple(r["key"] for r in rows) for rows in judges.values()}) == 1  # the same responses, paired
+    assert "heldout_judge_accuracy" in eval_metrics
     assert by_stage["spar_pairs@it1"].data.metrics["dpo_pairs"] >= 1
     assert by_stage["spar_actor@it1"].data.metrics["train_pairs"] >= 1  # the actor really trained with DPO
 

@@ -90,23 +90,35 @@ def test_root_is_never_the_success_and_is_judged_when_not_given():
     assert res.success is None and res.generations == 2 + 3 * (1 + 2)  # root votes + one expansion
 
 
-def test_budget_never_exceeded():
-    # votes=1: an expansion costs width * (1 + votes) = 6 generations.
-    res, _ = run(budget=10)
-    assert (res.stopped, res.visit_order, res.generations) == ("budget", [0], 6)
-    res, s = run(budget=15)  # room for only one of the two level-2 parents
-    assert (res.stopped, res.visit_order, res.generations) == ("budget", [0, 2], 12)
-    assert s.refine_calls == [[0], [2]]
-    res, _ = run(budget=5)
+def test_budget_counts_nodes_and_is_never_exceeded():
+    # width 3: an expansion adds 3 nodes; the root is node 1 of the budget.
+    res, _ = run(budget=3)
     assert (res.stopped, res.visit_order, res.generations, len(res.nodes)) == ("budget", [], 0, 1)
-    res, _ = run(strategy="dfs", budget=20)
-    assert (res.stopped, res.visit_order, res.generations) == ("budget", [0, 2, 4], 18)
-    # Root judged by the search: its votes count. 3 + 12 = 15, then one more expansion fits 27 exactly.
-    res, _ = run(root_judgment=None, votes=3, budget=27)
-    assert (res.stopped, res.visit_order, res.generations) == ("budget", [0, 2], 27)
+    res, _ = run(budget=6)  # level 1 (4 nodes); neither level-2 parent fits
+    assert (res.stopped, res.visit_order, len(res.nodes)) == ("budget", [0], 4)
+    res, s = run(budget=7)  # room for only one of the two level-2 parents
+    assert (res.stopped, res.visit_order, len(res.nodes)) == ("budget", [0, 2], 7)
+    assert s.refine_calls == [[0], [2]]
+    res, _ = run(strategy="dfs", budget=10)
+    assert (res.stopped, res.visit_order, len(res.nodes)) == ("budget", [0, 2, 4], 10)
+    # judge votes are counted in generations, not budgeted: 3 root votes + 2 expansions of 3 * (1 + 3)
+    res, _ = run(root_judgment=None, votes=3, budget=7)
+    assert (res.stopped, res.visit_order, res.generations) == ("budget", [0, 2], 3 + 2 * 12)
     for strategy in ("bfs", "dfs"):
         for budget in range(1, 70):
-            assert run(strategy=strategy, budget=budget)[0].generations <= budget
+            assert len(run(strategy=strategy, budget=budget)[0].nodes) <= budget
+
+
+@pytest.mark.parametrize("strategy", ["bfs", "dfs"])
+def test_the_default_budgets_let_a_tree_reach_max_depth(strategy):
+    """The search's default (the reference's 1000 nodes) and SPAR's default (the demo's) both leave
+    room for a tree that never passes the gate to refine down to max_depth, with votes."""
+    from closedloop.methods.spar import SparTreeConfig
+
+    for cfg in (TreeParams(), SparTreeConfig()):
+        res, _ = run(values={}, votes=5, strategy=strategy, width=cfg.width, branches=cfg.branches,
+                     max_depth=cfg.max_depth, budget=cfg.budget)
+        assert max(n.depth for n in res.nodes) == cfg.max_depth == 3, (cfg.budget, res.stopped)
 
 
 @pytest.mark.parametrize("strategy", ["bfs", "dfs"])

@@ -9,6 +9,8 @@ An effect run is a file `experiments/<run>.yaml`:
       prepare.num_eval: 200
     rows:                               # the paired differences it reports
       - {model: rft, baseline: base, suite: instruction_following, metric: prompt_level_strict}
+      # records of other stages: <dir>/<name>/records.jsonl (default dir: data/eval)
+      - {model: it1, baseline: base, suite: refiner_judging, metric: judge_accuracy, dir: data/spar/judge}
 
 `closedloop effect <run>` validates the overridden params, runs `dvc exp run -n <run>` (so
 `dvc exp show` lists it) with every stage's MLflow run nested under one parent run named `<run>`,
@@ -39,7 +41,7 @@ EXPERIMENTS = Path("experiments")
 RESULTS = Path("results")
 EVAL_DIR = Path("data/eval")
 TAG_EFFECT = "closedloop.effect_run"
-ROW_KEYS = ("model", "baseline", "suite", "metric")
+ROW_KEYS = ("model", "baseline", "suite", "metric")  # and optionally `dir`, where the records are
 # The keys every results file holds (the issue's contract, and the table's columns).
 RESULT_KEYS = ("method", "metric", "n", "baseline", "baseline_value", "value", "delta", "ci_low", "ci_high",
                "se", "seed", "commit", "wall_seconds", "command")
@@ -78,8 +80,9 @@ def load_spec(root: Path, name: str, extra: dict[str, Any] | None = None) -> Eff
     if not all(isinstance(t, str) and t for t in data["targets"]):
         raise UserError(f"{rel}: targets: expected DVC stage names")
     for i, row in enumerate(data["rows"]):
-        if not isinstance(row, dict) or set(row) != set(ROW_KEYS) or not all(isinstance(row[k], str) for k in ROW_KEYS):
-            raise UserError(f"{rel}: rows[{i}]: expected exactly the string keys {', '.join(ROW_KEYS)}")
+        if (not isinstance(row, dict) or not set(ROW_KEYS) <= set(row) <= {*ROW_KEYS, "dir"}
+                or not all(isinstance(v, str) and v for v in row.values())):
+            raise UserError(f"{rel}: rows[{i}]: expected the string keys {', '.join(ROW_KEYS)} (and optionally dir)")
     for key in data["params"]:
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
             raise UserError(f"{rel}: params: {key!r}: expected a dotted params.yaml key such as prepare.num_eval")
@@ -136,10 +139,15 @@ def _tool(name: str) -> str:
 
 
 def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str]) -> float:
-    """`dvc exp run -n <run>` over the targets; the workspace's params.yaml and dvc.lock come back
-    as they were (DVC rewrites params.yaml, comments lost, and leaves the experiment applied).
-    Returns the wall seconds."""
-    keep = {p: p.read_bytes() for p in (root / "params.yaml", root / "dvc.lock") if p.exists()}
+    """`dvc exp run -n <run>` over the targets, then the workspace's params.yaml and dvc.lock as
+    they were (DVC rewrites params.yaml, comments lost, and leaves the experiment applied; it stays
+    in DVC: `dvc exp apply <run>`). Restored only when params.yaml holds exactly the run's overrides
+    over the original: an edit made while the run went on is kept, and said. Returns wall seconds."""
+    from closedloop.config import read_yaml
+
+    params, lock = root / "params.yaml", root / "dvc.lock"
+    keep = {p: p.read_bytes() for p in (params, lock) if p.exists()}
+    expected = apply_overrides(read_yaml(params) or {}, spec.params)
     dvc = _tool("dvc")
     # A rerun replaces the experiment of the same name (its results file is in git history).
     subprocess.run([dvc, "exp", "remove", spec.name], cwd=root, env=env, capture_output=True)
@@ -148,22 +156,26 @@ def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str]) -> float:
         proc = subprocess.run([dvc, "exp", "run", "-n", spec.name, *set_param_args(spec.params), *spec.targets],
                               cwd=root, env=env)
     finally:
-        for path in (root / "params.yaml", root / "dvc.lock"):
-            if path in keep:
-                path.write_bytes(keep[path])
-            else:
-                path.unlink(missing_ok=True)
+        if read_yaml(params) in (expected, yaml.safe_load(keep.get(params, b"")) or {}):
+            for path in (params, lock):
+                if path in keep:
+                    path.write_bytes(keep[path])
+                else:
+                    path.unlink(missing_ok=True)
+        else:
+            print(f"warning: {params.name} was edited while the effect run went on; left as it is now "
+                  f"(it may still hold the run's overrides: {', '.join(spec.params)})", file=sys.stderr)
     if proc.returncode != 0:
         raise UserError(f"effect run {spec.name}: `dvc exp run` failed (exit {proc.returncode}); its output is above")
     return time.monotonic() - start
 
 
-def _records(root: Path, name: str) -> list[dict]:
+def _records(root: Path, where: Path, name: str) -> list[dict]:
     from closedloop.io import read_jsonl
 
-    path = root / EVAL_DIR / name / "records.jsonl"
+    path = root / where / name / "records.jsonl"
     if not path.is_file():
-        raise UserError(f"{path.relative_to(root)}: missing; the effect run's targets must evaluate {name!r}")
+        raise UserError(f"{path.relative_to(root)}: missing; the effect run's targets must produce it")
     return read_jsonl(path)
 
 
@@ -171,11 +183,12 @@ def row_result(root: Path, row: dict[str, str], n_bootstrap: int, seed: int) -> 
     """One row's paired difference (model - baseline) on the examples both were evaluated on."""
     from closedloop.evaluate.compare import compare_suite
 
+    where = Path(row.get("dir", EVAL_DIR))
     by_model = {}
     for name in (row["baseline"], row["model"]):
-        by_model[name] = [r for r in _records(root, name) if r.get("suite") == row["suite"]]
+        by_model[name] = [r for r in _records(root, where, name) if r.get("suite") == row["suite"]]
         if not by_model[name]:
-            raise UserError(f"{EVAL_DIR / name / 'records.jsonl'}: no {row['suite']} records")
+            raise UserError(f"{where / name / 'records.jsonl'}: no {row['suite']} records")
     result = compare_suite(by_model, (row["metric"],), row["baseline"], n_bootstrap, seed)
     model, base = result["models"][row["model"]], result["models"][row["baseline"]]
     diff = model["diff"][row["metric"]]

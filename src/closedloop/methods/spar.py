@@ -3,7 +3,8 @@
     search   the actor samples n responses per prompt; the refiner refines failing ones in a tree
     verify   the refiner judges (k votes, majority), or the IFEval rules, or both ("hybrid")
     feedback DPO for the actor on (successful refinement, original response) pairs;
-             SFT (RFT) for the refiner on its successful refinements and majority-agreeing judgments
+             SFT (RFT) for the refiner on its successful refinements and its majority judgments
+             where the votes split (self-play: no rule verdict enters the refiner's data)
 
 Each step is a function over plain rows so the DVC stages (stages/spar.py) only read, call, write.
 Paths: iteration <name> starts from models/spar/<prev>/{actor,refiner} and writes
@@ -20,10 +21,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from closedloop.config import DPOParams, FieldError, SFTParams, bounds, check_verifier_name
-from closedloop.methods.spar_data import best_worst_pairs, dpo_pairs, refine_messages_for, refiner_rft_set
+from closedloop.methods.spar_data import (
+    best_worst_pairs,
+    dpo_pairs,
+    refine_messages_for,
+    refiner_example,
+    refiner_rft_set,
+)
 from closedloop.search.tree import TreeParams, tree_search_many
 from closedloop.verifiers.ifeval_rules import check
-from closedloop.verifiers.judge import from_verdict, parse_refinement
+from closedloop.verifiers.judge import as_verdict, from_verdict, judge_messages, parse_refinement, rule_judgment
 
 
 @dataclass
@@ -59,7 +66,9 @@ class SparTreeConfig:
     branches: int = field(default=2, metadata=bounds(ge=1, le=64))  # nodes expanded per level (paper: 2)
     max_depth: int = field(default=3, metadata=bounds(ge=1, le=64))  # paper: 3
     gate: float = field(default=0.5, metadata=bounds(ge=0.0, le=0.99))  # success: value > gate (paper: 0.5)
-    budget: int = field(default=20, metadata=bounds(ge=1, le=100_000))  # refine generations + judge votes per tree
+    # nodes per tree, the root included, as the reference counts them. Demo size: the reference's
+    # default is 1000; width 3, branches 2 and depth 3 need 16 for a tree that never passes the gate
+    budget: int = field(default=20, metadata=bounds(ge=1, le=100_000))
     temperature: float = field(default=0.9, metadata=bounds(gt=0.0, le=10.0))
     top_p: float = field(default=0.9, metadata=bounds(gt=0.0, le=1.0))
     max_new_tokens: int = field(default=128, metadata=bounds(ge=1, le=100_000))
@@ -71,6 +80,19 @@ class SparTreeConfig:
 
 
 @dataclass
+class SparInitConfig:
+    # The starting refiner. rules_sft (the paper's start, the effect run's): SFT of the base on
+    # judgments and refinements from a stronger judge (GPT-4o in the paper; the IFEval rules here, for
+    # this initial data only: every iteration after it judges by the refiner). copy (the demo, whose
+    # hybrid judge is the rules anyway): the base model as it is.
+    refiner: Literal["rules_sft", "copy"] = "copy"
+    # rules_sft's data: the base's samples on the LAST max_prompts train prompts (the iterations
+    # sample from the first), judged by the rules; trees searched with the rules judging
+    max_prompts: int = field(default=64, metadata=bounds(ge=1))
+    num_samples: int = field(default=4, metadata=bounds(ge=1, le=1024))
+
+
+@dataclass
 class SparConfig:
     # {name: the iteration it starts from}, in order; "init" = models/base. DVC templating has no
     # arithmetic, so each entry names its predecessor; add an entry to run one more iteration
@@ -78,6 +100,7 @@ class SparConfig:
     # and data/spar/<name>. Add `spar-<name>: models/spar/<name>/actor` to evaluate.models to see
     # the iteration as a row of the comparison report.
     iterations: dict[str, str] = field(default_factory=lambda: {"it1": "init"})
+    init: SparInitConfig = field(default_factory=SparInitConfig)
     ablation: Literal["none", "no_tree", "no_refine"] = "none"  # no_tree: one refinement; no_refine: best vs worst sample
     batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
     sample: SparSampleConfig = field(default_factory=SparSampleConfig)
@@ -105,6 +128,7 @@ class SparConfig:
 
 
 CONFIG = SparConfig
+JUDGING_SUITE = "refiner_judging"  # records of a judge's correctness on held-out responses
 
 
 def model_dir(name: str, role: str) -> Path:
@@ -224,12 +248,39 @@ def build_pairs(judged: Sequence[dict], trees: Sequence[dict], ablation: str, ma
                                  {p: [s["judge"] for s in ss] for p, ss in by_prompt.items()})
     else:
         pairs = dpo_pairs(trees)
+    return pairs, refiner_rft_set(trees, max_refinement, max_judgment)
 
-    def rule_verdict(record: dict, node: dict) -> bool | None:
-        row = record["row"]
-        return check(row["prompt"], row["instruction_id_list"], row["kwargs"], node["response"]).strict_all
 
-    return pairs, refiner_rft_set(trees, max_refinement, max_judgment, rule_verdict)
+class ExplainedRules:
+    """The IFEval rules as a judge that writes its judgment (`rule_judgment_text`): the stronger
+    judge of the starting refiner's data, never a judge of an iteration."""
+
+    def verify_batch(self, samples: list[dict]) -> list:
+        return [as_verdict(rule_judgment(s, explain=True)) for s in samples]
+
+
+def init_refiner_examples(judged: Sequence[dict], trees: Sequence[dict], max_refinement: int,
+                          max_judgment: int) -> list[dict]:
+    """The starting refiner's SFT set from rule-judged samples and rule-judged trees: the
+    refinements on each root-to-success path, then judgments of the samples with the rules' texts,
+    yes and no alternating (so the refiner does not learn to answer one way), each kind capped."""
+    refinements = refiner_rft_set(trees, max_refinement, 0)
+    by_verdict: dict[bool, list[dict]] = {True: [], False: []}
+    for s in judged:
+        if s["judge"]["texts"]:
+            by_verdict[bool(s["judge"]["decision"])].append(
+                refiner_example(judge_messages(s["prompt"], s["response"]), s["judge"]["texts"][0], "judgment"))
+    judgments = [e for pair in itertools.zip_longest(by_verdict[False], by_verdict[True]) for e in pair if e]
+    return refinements + judgments[:max_judgment]
+
+
+def success_depths(trees: Sequence[dict], max_depth: int) -> dict[str, int]:
+    """How many trees succeeded at each depth (1..max_depth): the paper's depth histogram."""
+    counts = {d: 0 for d in range(1, max_depth + 1)}
+    for rec in trees:
+        if rec["success"] is not None:
+            counts[rec["nodes"][rec["success"]]["depth"]] += 1
+    return {f"success_depth_{d}": n for d, n in counts.items()}
 
 
 def dpo_examples(pairs: Sequence[dict]) -> list[dict]:

@@ -8,7 +8,7 @@ with the original failing response, so the two differ mostly in the constraint t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -91,23 +91,28 @@ def best_worst_pairs(
     return pairs
 
 
-def _example(prompt: list[dict], completion: str, kind: str) -> dict:
+def refiner_example(prompt: list[dict], completion: str, kind: str) -> dict:
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "kind": kind}
 
 
-RuleVerdict = Callable[[dict, dict], bool | None]  # (record, node dict) -> rule verdict, None = unknown
+def split_vote_judgment(node: Node) -> str | None:
+    """The judgment the refiner learns from at a node whose votes split (some yes, some no): the
+    first text agreeing with the majority. Unanimous nodes teach nothing the refiner does not
+    already do; rule-judged nodes have no texts. None when the node gives no example."""
+    verdicts = [parse_verdict(t) for t in node.judgment_texts]
+    if node.decision is None or True not in verdicts or False not in verdicts:
+        return None
+    return next(t for t, v in zip(node.judgment_texts, verdicts) if v is node.decision)
 
 
-def refiner_rft_set(
-    records: Sequence[dict], max_refinement: int, max_judgment: int, rule_verdicts: RuleVerdict | None = None
-) -> list[dict]:
-    """Chat prompt/completion examples for the refiner: refinements first, then judgments, each capped.
+def refiner_rft_set(records: Sequence[dict], max_refinement: int, max_judgment: int) -> list[dict]:
+    """Chat prompt/completion examples for the refiner's RFT, from its own tree search (self-play:
+    no rule verdict enters): refinements first, then judgments, each capped.
 
     Refinements: every step on a root-to-success path (the parent's refine prompt -> the child's
-    "Critique: ...\\nRefined response: ..."). Judgments: per judged node, the first judgment text whose
-    verdict agrees with the majority decision (one per node, for variety over repetition) and, when
-    `rule_verdicts` gives a verdict for the node, with the rules too. Order: records, then node id;
-    caps keep the first examples, so shuffle `records` (seeded) beforehand for a random subset.
+    "Critique: ...\nRefined response: ..."). Judgments: one per node whose votes split
+    (`split_vote_judgment`). Order: records, then node id; caps keep the first examples, so
+    shuffle `records` (seeded) beforehand for a random subset.
     """
     refinements: list[dict] = []
     judgments: list[dict] = []
@@ -115,16 +120,12 @@ def refiner_rft_set(
         tree = record_to_tree(rec)
         path = tree.path()
         for parent, child in zip(path, path[1:]):
-            refinements.append(_example(refine_messages_for(rec["prompt"], parent),
+            refinements.append(refiner_example(refine_messages_for(rec["prompt"], parent),
                                         format_refinement(child.critique or "", child.response), "refinement"))
-        for node, raw in zip(tree.nodes, rec["nodes"]):
-            if node.decision is None:
-                continue
-            if rule_verdicts is not None and rule_verdicts(rec, raw) not in (None, node.decision):
-                continue
-            text = next((t for t in node.judgment_texts if parse_verdict(t) is node.decision), None)
+        for node in tree.nodes:
+            text = split_vote_judgment(node)
             if text is not None:
-                judgments.append(_example(judge_messages(rec["prompt"], node.response), text, "judgment"))
+                judgments.append(refiner_example(judge_messages(rec["prompt"], node.response), text, "judgment"))
     return refinements[:max_refinement] + judgments[:max_judgment]
 
 

@@ -4,8 +4,10 @@ The root is a response the judge failed. Expanding a node asks the refiner for `
 refined response) children, sampled from one prompt (so a backend can share that prompt's prefix),
 and the judge scores each child; the search stops at the first child whose value (fraction of
 yes votes) is > `gate`. At most `branches` nodes are expanded per level (BFS) or per parent (DFS),
-children go at most `max_depth` steps below the root, and an expansion is only started when its
-worst-case cost fits the `budget` of generations (refinements + judge votes).
+children go at most `max_depth` steps below the root, and an expansion is only started when the
+nodes it creates fit the tree's `budget` of nodes (root included), as the reference implementation
+counts them (thu-coai/SPaR: a node budget, 1000 by default). Generations (refinements + judge
+votes) are counted and reported, not budgeted.
 
 The search is written once, as a generator that yields its model requests, so `tree_search` can
 drive one tree and `tree_search_many` can drive many in lockstep, batching every request of a round
@@ -45,7 +47,7 @@ class TreeParams:
     branches: int = 2  # nodes expanded per level (BFS) / children explored per node (DFS)
     max_depth: int = 3  # deepest refinement, in steps below the root
     gate: float = 0.5  # success = value strictly above this
-    budget: int = 60  # refine generations + judge votes per tree
+    budget: int = 1000  # nodes per tree, the root included (the reference's default)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("bfs", "dfs"):
@@ -62,7 +64,7 @@ class TreeResult:
     nodes: list[Node]  # nodes[i].id == i; nodes[0] is the root
     success: Node | None
     visit_order: list[int]  # ids in the order they were expanded
-    generations: int  # refine generations + judge votes spent by this search
+    generations: int  # refine generations + judge votes spent by this search (reported, not budgeted)
     stopped: str  # "gate" | "budget" | "exhausted" (max depth reached or no parseable children left)
     unparseable: int = 0  # refinements returned as None (skipped, but counted in generations)
 
@@ -104,7 +106,6 @@ def _search(root_response: str, root_judgment: JudgeResultLike | None, p: TreePa
         (root_judgment,) = yield ("judge", [root_response])
         gens += votes
     _apply(nodes[0], root_judgment)
-    cost = p.width * (1 + votes)  # worst case of one expansion: width refinements, each judged
 
     def expand(parents: list[Node]) -> Generator[Request, list[Any], list[Node]]:
         nonlocal gens, bad
@@ -140,7 +141,7 @@ def _search(root_response: str, root_judgment: JudgeResultLike | None, p: TreePa
     if p.strategy == "bfs":
         frontier = [nodes[0]]
         while frontier and frontier[0].depth < p.max_depth:
-            fits = (p.budget - gens) // cost
+            fits = (p.budget - len(nodes)) // p.width  # expansions whose children fit the node budget
             if fits < 1:
                 return done("budget")
             # Expand the best `branches` of this level, fewer if the budget allows fewer.
@@ -153,7 +154,7 @@ def _search(root_response: str, root_judgment: JudgeResultLike | None, p: TreePa
     stack = [nodes[0]]  # DFS: pop the best unexplored child first
     while stack:
         node = stack.pop()
-        if gens + cost > p.budget:
+        if len(nodes) + p.width > p.budget:
             return done("budget")
         children = yield from expand([node])
         if any((c.value or 0.0) > p.gate for c in children):
@@ -217,7 +218,7 @@ def tree_search(
 ) -> TreeResult:
     """Search one tree. `refine(prompt, parents)` returns `width` candidates per parent (one call per
     expansion); `judge(prompt, responses)` one result per response. Without `root_judgment` the root
-    is judged first (its votes count against the budget)."""
+    is judged first (its votes are counted in `generations`)."""
     return tree_search_many(
         [(root_response, root_judgment)],
         lambda reqs: [refine(prompt, parents) for _, parents in reqs],

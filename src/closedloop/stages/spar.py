@@ -1,15 +1,19 @@
 """SPAR's stages (dvc.yaml `meta: {method: spar}`), one set per iteration (`foreach:
 ${spar.iterations}`), named `spar_<step>@<iteration>`, plus `spar_init`.
 
-    spar_init     the starting actor and refiner (copies of models/base)  models/spar/init/{actor,refiner}
+    spar_init     the starting actor (models/base) and refiner (SFT on the rules' judgments and
+                  refinements, or a copy of models/base)               models/spar/init/{actor,refiner}
+    spar_eval_init  models/base and the starting refiner judge the held-out responses
+                                                                       data/spar/judge/{base,init}/
     spar_sample   actor samples n responses per train prompt           data/spar/<it>/samples.jsonl
     spar_judge    the judge verifier scores each response (k votes)    data/spar/<it>/judged.jsonl
     spar_refine   tree search from failing responses                   data/spar/<it>/trees.jsonl
     spar_pairs    DPO pairs (actor) + RFT set (refiner)                data/spar/<it>/{dpo,refiner_sft}.jsonl
     spar_actor    DPO from the previous actor                          models/spar/<it>/actor
     spar_refiner  SFT from the previous refiner                        models/spar/<it>/refiner
-    spar_eval     the refiner's judging of the actor's held-out responses (from eval@spar-<it>),
-                  scored against the rules; with spar.eval_search, the "+search" metrics
+    spar_eval     the refiner's judging of the actor's held-out responses (from eval@spar-<it>)
+                  and of the reference model's (data/spar/judge/<it>/), scored against the rules;
+                  with spar.eval_search, the "+search" metrics
 
 The actor's held-out evaluation is the shared `eval@spar-<it>`; the iteration curve is the rows
 base, spar-it1, spar-it2, ... of the comparison report.
@@ -28,6 +32,7 @@ from closedloop.methods import spar
 from closedloop.stages.common import copy_model, log_training, open_backend
 
 TRAIN = Path("data/suite/train.jsonl")
+JUDGE_DIR = Path("data/spar/judge")  # <judge>/records.jsonl: each judge on the same held-out responses
 
 
 def _prev(params: Any, name: str) -> str:
@@ -79,8 +84,35 @@ def _judge(params: Any, root: Path, refiner_dir: Path, seed: int):
 
 
 def run_init(params: Any, root: Path, key: str | None) -> None:
-    for role in ("actor", "refiner"):
-        copy_model(root / "models/base", root / spar.model_dir("init", role))
+    """The starting actor (the base) and refiner: the base, or (spar.init.refiner: rules_sft) the
+    base fine-tuned on the rules' judgments and on refinements found with the rules judging."""
+    s, i = params.spar, params.spar.init.value()
+    sample, tree, sft = s.sample.value(), s.tree.value(), s.refiner_sft.value()  # read in either mode
+    caps, seed, dtype, batch = (s.max_refinement_examples, s.max_judgment_examples), params.seed, params.model.dtype, s.batch_size
+    _ = params.model.trust_remote_code  # open_backend's, read in copy mode too (declared for rules_sft)
+    copy_model(root / "models/base", root / spar.model_dir("init", "actor"))
+    out = root / spar.data_dir("init")
+    if i.refiner == "copy":
+        copy_model(root / "models/base", root / spar.model_dir("init", "refiner"))
+        write_jsonl(out / "refiner_sft.jsonl", [])
+        log_training({"train_examples": 0}, out / "refiner_train_metrics.json")
+        return
+    rows = read_jsonl(root / TRAIN)[-i.max_prompts:]
+    backend = open_backend(params, root, "models/base", batch)
+    samples = spar.sample_responses(_generator(backend, sample, seed + 5), rows, i.num_samples)
+    rules = spar.ExplainedRules()
+    judged = spar.judge_samples(rules, samples)
+    roots = spar.failing_roots(judged, tree.roots_per_prompt)
+    trees = spar.refine_trees(roots, _refiner(backend, tree, seed + 6), rules, _tree_params(tree), 1)
+    examples = spar.init_refiner_examples(judged, trees, *caps)
+    write_jsonl(out / "refiner_sft.jsonl", examples)
+    with atomic_dir(root / spar.model_dir("init", "refiner")) as tmp:
+        metrics = train_refiner(root / "models/base", examples, tmp, sft, seed, dtype)
+    metrics |= {"init_samples": len(samples), "init_sample_pass_rate": sum(j["rule_verdict"] for j in judged) / len(judged),
+                "init_trees": len(trees), "init_successful_trees": sum(t["success"] is not None for t in trees),
+                "init_refinements": sum(e["kind"] == "refinement" for e in examples),
+                "init_judgments": sum(e["kind"] == "judgment" for e in examples)}
+    log_training(metrics, out / "refiner_train_metrics.json")
 
 
 def run_sample(params: Any, root: Path, name: str) -> None:
@@ -123,6 +155,7 @@ def run_refine(params: Any, root: Path, name: str) -> None:
     ok = [r for r in records if r["success"] is not None]
     stats = backend.stats
     metrics = {"trees": len(records), "successful_trees": len(ok), "success_rate": len(ok) / max(1, len(records)),
+               **spar.success_depths(records, tree.max_depth),
                "generations": sum(r["generations"] for r in records),
                "unparseable_refinements": sum(r.get("unparseable", 0) for r in records),
                "prefill_tokens": stats.get("prefill_tokens", 0), "generated_tokens": stats["generated_tokens"],
@@ -172,32 +205,69 @@ def run_actor(params: Any, root: Path, name: str) -> None:
     _train(params, root, name, "actor", train)
 
 
-def run_refiner(params: Any, root: Path, name: str) -> None:
+def train_refiner(start: Path, examples: list[dict], out: Path, cfg: Any, seed: int, dtype: str) -> dict:
     from closedloop.feedback.sft import train_sft
 
-    def train(start, examples, out, cfg, seed, dtype):
-        examples = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
-        return train_sft(start, examples, out, cfg, seed=seed, dtype=dtype)
-
-    _train(params, root, name, "refiner", train)
+    examples = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    return train_sft(start, examples, out, cfg, seed=seed, dtype=dtype)
 
 
-def run_eval(params: Any, root: Path, name: str) -> None:
-    """The refiner judges the actor's held-out responses (eval@spar-<name>'s records); its
-    accuracy/F1 against the rules; with spar.eval_search, the paper's "+search" metrics."""
+def run_refiner(params: Any, root: Path, name: str) -> None:
+    _train(params, root, name, "refiner", train_refiner)
+
+
+def _held_out(root: Path, model: str) -> list[dict]:
+    """The instruction-following records of eval@<model>: held-out responses with the rules' verdicts."""
+    return [r for r in read_jsonl(root / "data/eval" / model / "records.jsonl") if r["suite"] == "instruction_following"]
+
+
+def _judge_held_out(params: Any, root: Path, backend: Any, seed: int, out: str) -> tuple[Any, int, dict]:
+    """A model judge over `backend` judges the reference model's held-out responses (the same
+    responses for every judge, so judges pair up); writes one record per response to
+    data/spar/judge/<out>/records.jsonl (`judge_accuracy`: correct against the rules). Returns
+    (the judge, generations per judgment, its accuracy metrics)."""
     from closedloop.methods.spar_data import judge_accuracy
     from closedloop.verifiers import get_verifier
     from closedloop.verifiers.judge import from_verdict
 
-    s = params.spar
-    results = [r for r in read_jsonl(root / "data/eval" / f"spar-{name}" / "records.jsonl")
-               if r["suite"] == "instruction_following"]
-    refiner = open_backend(params, root, spar.model_dir(name, "refiner"), s.batch_size)
-    kwargs, cost = _model_judge_args(params, refiner, params.seed + 3)
+    kwargs, cost = _model_judge_args(params, backend, seed)
     judge = get_verifier("model_judge", **kwargs)
+    rows = _held_out(root, params.evaluate.reference)
+    decisions = [from_verdict(v).decision for v in judge.verify_batch(rows)]
+    gold = [r["strict"]["follow_all_instructions"] for r in rows]
+    write_jsonl(root / JUDGE_DIR / out / "records.jsonl", [
+        {"suite": spar.JUDGING_SUITE, "key": r["key"], "decision": d, "gold": g,
+         "scores": {"judge_accuracy": [float(d is not None and d == g), 1.0]}}
+        for r, d, g in zip(rows, decisions, gold)])
+    return judge, cost, judge_accuracy(decisions, gold)
+
+
+def run_eval_init(params: Any, root: Path, key: str | None) -> None:
+    """The base model and the starting refiner as judges of the held-out responses: the points the
+    iterations' judging accuracy is compared with."""
+    metrics = {}
+    for name, model_dir in (("base", "models/base"), ("init", spar.model_dir("init", "refiner"))):
+        backend = open_backend(params, root, model_dir, params.spar.batch_size)
+        _, _, acc = _judge_held_out(params, root, backend, params.seed + 3, name)
+        metrics |= {f"{name}_heldout_judge_{k}": v for k, v in acc.items()}
+    write_json(root / spar.data_dir("init") / "eval_metrics.json", metrics)
+    mlflow.log_metrics(metrics)
+
+
+def run_eval(params: Any, root: Path, name: str) -> None:
+    """The refiner judges the actor's held-out responses (eval@spar-<name>'s records) and the
+    reference model's (the fixed set every iteration's judge is compared on); its accuracy/F1
+    against the rules; with spar.eval_search, the paper's "+search" metrics."""
+    from closedloop.methods.spar_data import judge_accuracy
+    from closedloop.verifiers.judge import from_verdict
+
+    s = params.spar
+    results = _held_out(root, f"spar-{name}")
+    refiner = open_backend(params, root, spar.model_dir(name, "refiner"), s.batch_size)
+    judge, cost, fixed = _judge_held_out(params, root, refiner, params.seed + 3, name)
     judged = [from_verdict(v) for v in judge.verify_batch(results)]
     acc = judge_accuracy([j.decision for j in judged], [r["strict"]["follow_all_instructions"] for r in results])
-    metrics = {f"refiner_judge_{k}": v for k, v in acc.items()}
+    metrics = {f"refiner_judge_{k}": v for k, v in acc.items()} | {f"heldout_judge_{k}": v for k, v in fixed.items()}
     if s.eval_search:
         metrics |= _search_at_inference(params, results, judged, refiner, judge, cost)
     write_json(root / spar.data_dir(name) / "eval_metrics.json", metrics)
@@ -223,4 +293,5 @@ def _search_at_inference(params: Any, results: list[dict], judged: list, refiner
 
 
 STAGES = {"spar_init": run_init, "spar_sample": run_sample, "spar_judge": run_judge, "spar_refine": run_refine,
-          "spar_pairs": run_pairs, "spar_actor": run_actor, "spar_refiner": run_refiner, "spar_eval": run_eval}
+          "spar_pairs": run_pairs, "spar_actor": run_actor, "spar_refiner": run_refiner, "spar_eval": run_eval,
+          "spar_eval_init": run_eval_init}

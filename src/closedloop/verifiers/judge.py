@@ -139,10 +139,26 @@ def rule_checkable(sample: dict) -> bool:
     return isinstance(ids, list) and bool(ids) and all(i in INSTRUCTION_IDS for i in ids)
 
 
-def rule_judgment(sample: dict) -> JudgeResult:
-    """IFEval strict rules as an oracle: value 1.0 or 0.0, decision = all instructions followed."""
-    ok = check(sample["prompt"], sample["instruction_id_list"], sample["kwargs"], sample["response"]).strict_all
-    return JudgeResult(decision=ok, value=float(ok), votes=[ok], source="rules")
+def rule_judgment(sample: dict, explain: bool = False) -> JudgeResult:
+    """IFEval strict rules as an oracle: value 1.0 or 0.0, decision = all instructions followed.
+    With `explain`, one judgment text in the judge's format (`rule_judgment_text`)."""
+    result = check(sample["prompt"], sample["instruction_id_list"], sample["kwargs"], sample["response"])
+    ok = result.strict_all
+    texts = [rule_judgment_text(sample, result.strict)] if explain else []
+    return JudgeResult(decision=ok, value=float(ok), votes=[ok], texts=texts, source="rules")
+
+
+def rule_judgment_text(sample: dict, followed: Sequence[bool]) -> str:
+    """What a judge that knows the rules writes, in the steps `judge_messages` asks for: the
+    constraints, each checked, and the verdict. SPaR initialises its refiner by SFT on a stronger
+    judge's judgments (GPT-4o in the paper); the rules play that judge for that initial data only."""
+    from closedloop.verifiers.ifeval_rules import describe
+
+    constraints = [describe(i, kw) for i, kw in zip(sample["instruction_id_list"], sample["kwargs"])]
+    lines = ["Constraints:", *(f"- {c}" for c in constraints), "Check:",
+             *(f"- {c} {'Met.' if ok else 'Not met.'}" for c, ok in zip(constraints, followed)),
+             f"Verdict: {'yes' if all(followed) else 'no'}"]
+    return "\n".join(lines)
 
 
 def as_verdict(r: JudgeResult) -> Verdict:
