@@ -131,3 +131,33 @@ def test_balance_repeats_the_rarer_label():
     assert sum(r["label"] for r in out) == sum(not r["label"] for r in out) == 5
     assert out[:7] == rows and [r["claim"] for r in out[7:]] == ["t0", "t1", "t0"]
     assert dct.balance(rows[:5]) == rows[:5]  # one label only: nothing to repeat
+
+
+def test_heldout_seeds_exclude_every_training_seed():
+    train = [{"text": "Paris is in France.", "fixed": True, "label": True}]
+    rows = dct.heldout_seeds(["paris is in France", "Rome is in Italy.", "Rome is in Italy!", "Oslo is in Norway."],
+                             train, max_seeds=10, seed=0)
+    assert [r["text"] for r in rows] == ["Rome is in Italy.", "Oslo is in Norway."]
+    assert all(not r["fixed"] and r["label"] is None for r in rows)
+    assert len(dct.heldout_seeds([f"Claim {i}." for i in range(30)], train, max_seeds=5, seed=0)) == 5
+
+
+def test_the_ablation_trains_on_seeds_alone_with_their_given_or_own_labels():
+    graphs = [
+        {"graph": "g0", "nodes": [{"text": "S0", "fixed": True, "label": False, "p_true": 0.9},
+                                  {"text": "I0", "fixed": False, "label": None, "p_true": 0.8}]},
+        {"graph": "g1", "nodes": [{"text": "S1", "fixed": False, "label": None, "p_true": 0.7}]},
+    ]
+    # no implied claim, and a fixed seed keeps its given label whatever the model believes
+    assert dct.seed_only_rows(graphs) == [{"claim": "S0", "label": False, "graph": "g0"},
+                                          {"claim": "S1", "label": True, "graph": "g1"}]
+
+
+def test_coherence_records_pair_like_suite_records():
+    from closedloop.stages.dct import coherence_records
+
+    graphs = [{"graph": "g0", "edges": [[0, 1, "implies"]]}, {"graph": "g1", "edges": [[0, 1, "contradicts"]]}]
+    recs = coherence_records(graphs, [[0.9, 0.2], [0.9, 0.1]])  # g0 breaks its implication; g1 holds
+    assert [r["key"] for r in recs] == ["g0", "g1"]
+    assert [r["scores"]["coherent"] for r in recs] == [[0.0, 1.0], [1.0, 1.0]]
+    assert [r["scores"]["own_true"] for r in recs] == [[1.0, 2.0], [1.0, 2.0]]

@@ -13,7 +13,7 @@ from test_e2e_pipeline import pipeline_runs, run_flow, stages_run
 
 pytestmark = pytest.mark.e2e
 
-STEPS = {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "coherence")}
+STEPS = {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "train_seeds", "coherence")}
 
 
 def _rows(path) -> list[dict]:
@@ -49,12 +49,23 @@ def test_dct_branch_through_the_flow(dct_project):
     assert {"flips", "flip_rate", "coherence_before", "edges"} <= set(solve.data.metrics)
     client = mlflow.MlflowClient()
     assert "graphs/solved.jsonl" in {a.path for a in client.list_artifacts(solve.info.run_id, "graphs")}
+    # coherence is measured on held-out graphs, whose seeds no model trained on
+    heldout = _rows(root / "data/dct/heldout_graphs.jsonl")
+    trained_on = {g["nodes"][0]["text"] for g in graphs}
+    assert heldout and not {g["nodes"][0]["text"] for g in heldout} & trained_on
     coherence = by_stage["dct_coherence"]
-    assert {"coherence_before", "coherence_after", "coherence_diff_ci_low"} <= set(coherence.data.metrics)
-    table = client.load_table(coherence.info.experiment_id, "graph_summary.json", [coherence.info.run_id])
-    assert {"nodes", "edges", "flips", "consistent_before", "consistent_after"} <= set(table.columns)
+    assert {"coherent_base", "coherent_dct", "coherent_dct-seeds", "coherence_diff_vs_base_ci_low",
+            "coherence_diff_vs_dct-seeds", "assignment_agreement_train"} <= set(coherence.data.metrics)
+    with_edges = [g for g in heldout if g["edges"]]
+    for name in ("base", "dct", "dct-seeds"):
+        records = _rows(root / f"data/dct/coherence/{name}/records.jsonl")
+        assert [r["key"] for r in records] == [g["graph"] for g in with_edges]
+    table = client.load_table(coherence.info.experiment_id, "heldout_graph_summary.json", [coherence.info.run_id])
+    assert {"nodes", "edges", "coherent_base", "coherent_dct", "coherent_dct-seeds"} <= set(table.columns)
     assert by_stage["dct_train"].data.metrics["train_examples"] >= len(graphs)
-    assert (root / "models/dct/model.safetensors").is_file()
+    # the ablation trained on the seeds alone: one example per graph, at most doubled by label balancing
+    assert len(graphs) <= by_stage["dct_train_seeds"].data.metrics["train_examples"] <= 2 * len(graphs)
+    assert (root / "models/dct/model.safetensors").is_file() and (root / "models/dct-seeds/model.safetensors").is_file()
     # the shared evaluation scored the DCT model on the held-out claims
     metrics = json.loads((root / "data/eval/dct/metrics.json").read_text())
     assert 0.0 <= metrics["fact_accuracy"] <= 1.0 and metrics["fact_verification_examples"] > 0

@@ -1,5 +1,7 @@
 """Effect runs the way the README runs them: `closedloop effect <run>` on a tiny model (the same
 code path as the effect size, with `--set` shrinking the counts), then `closedloop results`.
+SPAR's and DCT's effect configurations have their own files (test_e2e_effect_spar.py, _dct.py),
+so that pytest-xdist can run them beside this one.
 The experiment is listed by `dvc exp show`, its stages are MLflow runs under one parent named
 after the run, the workspace's params.yaml is left as it was, and results/<run>.json holds the
 paired difference the results table is made from."""
@@ -29,18 +31,29 @@ def run(root, env, *args, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def effect(tmp_path_factory, tiny_model_dir):
-    root = copy_project(tmp_path_factory.mktemp("effect") / "project")
+def tiny_project(tmp_path_factory, tiny_model_dir, name: str):
+    """A committed copy of the project at TINY_PARAMS, without the committed results (each test
+    makes its own): (root, env)."""
+    root = copy_project(tmp_path_factory.mktemp(name) / "project")
     (root / "results").mkdir(exist_ok=True)
-    for old in (root / "results").glob("*.json"):  # the committed runs: this test makes its own
+    for old in (root / "results").glob("*.json"):
         old.unlink()
     set_params(root, dict(TINY_PARAMS, model={"base": str(tiny_model_dir)}))
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
     subprocess.run(["git", "commit", "-qam", "tiny params"], cwd=root, check=True, env={
         **env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    return root, env
+
+
+def set_args(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def effect(tmp_path_factory, tiny_model_dir):
+    root, env = tiny_project(tmp_path_factory, tiny_model_dir, "effect")
     params_before = (root / "params.yaml").read_bytes()
-    args = [a for s in TINY_RFT for a in ("--set", s)]
+    args = set_args(TINY_RFT)
     proc = run(root, env, "effect", "rft", *args)
     return root, env, params_before, proc, args
 
@@ -127,56 +140,6 @@ def test_the_committed_effect_files_are_valid():
 def test_the_readmes_results_table_is_generated_from_the_committed_files():
     readme = (PROJECT / "README.md").read_text(encoding="utf-8")
     assert render_readme(readme, load_results(PROJECT)) == readme, "run `closedloop results`"
-
-
-# SPAR's effect configuration at tiny sizes: the judge sizes back to TINY_PARAMS', the tree path on.
-TINY_SPAR = ["prepare.num_train=8", "prepare.num_eval=6", "spar.judge.max_new_tokens=12", "spar.sample.max_prompts=4",
-             "spar.init.max_prompts=4", "spar.ablation=none"]
-
-
-@pytest.fixture(scope="module")
-def spar_effect(tmp_path_factory, tiny_model_dir):
-    root = copy_project(tmp_path_factory.mktemp("spar_effect") / "project")
-    for old in (root / "results").glob("*.json"):
-        old.unlink()
-    set_params(root, dict(TINY_PARAMS, model={"base": str(tiny_model_dir)}))
-    env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
-    subprocess.run(["git", "commit", "-qam", "tiny params"], cwd=root, check=True, env={
-        **env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
-    run(root, env, "effect", "spar", *[a for s in TINY_SPAR for a in ("--set", s)])
-    return root
-
-
-def _jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_spar_effect_reports_actor_and_judge_rows(spar_effect):
-    data = json.loads((spar_effect / "results/spar.json").read_text())
-    assert [(r["model"], r["metric"]) for r in data["rows"]] == [
-        ("spar-it2", "instruction_following.prompt_level_strict"),
-        ("spar-it1", "instruction_following.prompt_level_strict"),
-        ("it2", "refiner_judging.judge_accuracy"), ("it1", "refiner_judging.judge_accuracy"),
-        ("init", "refiner_judging.judge_accuracy")]
-    assert all(r["n"] == 6 and set(RESULT_KEYS) <= set(r) for r in data["rows"])
-
-
-def test_spar_effect_iterations_judge_by_the_refiner_never_the_rules(spar_effect):
-    """The rules write only the starting refiner's SFT data; every judgment of an iteration (its
-    samples' and its trees' nodes') is the refiner's."""
-    init = _jsonl(spar_effect / "data/spar/init/refiner_sft.jsonl")
-    judgments = [e for e in init if e["kind"] == "judgment"]
-    assert judgments and all(e["completion"][0]["content"].startswith("Constraints:") for e in judgments)
-    assert {e["completion"][0]["content"].rsplit("Verdict: ", 1)[1] for e in judgments} <= {"yes", "no"}
-    for it in ("it1", "it2"):
-        judged = _jsonl(spar_effect / f"data/spar/{it}/judged.jsonl")
-        assert judged and all(j["judge"]["source"] == "model" and len(j["judge"]["texts"]) == 3 for j in judged)
-        for tree in _jsonl(spar_effect / f"data/spar/{it}/trees.jsonl"):
-            assert all(len(n["judgment_texts"]) == 3 for n in tree["nodes"])
-        rft = _jsonl(spar_effect / f"data/spar/{it}/refiner_sft.jsonl")
-        assert not any(e["completion"][0]["content"].startswith("Constraints:") for e in rft)
-    trained = json.loads((spar_effect / "data/spar/init/refiner_train_metrics.json").read_text())
-    assert trained["train_examples"] == len(init) > 0  # the starting refiner was fine-tuned, not copied
 
 
 def test_an_edit_made_during_the_run_is_kept(tmp_path, monkeypatch, capsys):

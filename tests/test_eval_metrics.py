@@ -118,3 +118,14 @@ def test_plot_is_png(tmp_path):
     assert plot_per_instruction(ifeval_report(RESULTS, n_bootstrap=10), path) == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["per_instruction.png"]  # no temp file left
+
+
+def test_fact_auc_overall_and_per_kind():
+    from closedloop.evaluate.fact_verification import auc_by_kind
+
+    recs = [{"label": True, "p_true": 0.9, "kind": "a"}, {"label": False, "p_true": 0.1, "kind": "a"},
+            {"label": True, "p_true": 0.2, "kind": "b"}, {"label": False, "p_true": 0.8, "kind": "b"},
+            {"label": True, "p_true": 0.5, "kind": "c"}]  # kind c has one label: no AUC
+    auc = auc_by_kind(recs)
+    assert auc["fact_auc_a"] == 1.0 and auc["fact_auc_b"] == 0.0 and "fact_auc_c" not in auc
+    assert 0.0 < auc["fact_auc"] < 1.0

@@ -113,3 +113,18 @@ def test_split_is_disjoint_and_deterministic():
     assert not {r["key"] for r in train} & {r["key"] for r in evalset}
     with pytest.raises(UserError, match="50 claims available"):
         split_claims(rows, 40, 30, seed=5)
+
+
+def test_program_claims_of_chosen_kinds_only():
+    rows = program_claims(40, 0, kinds=["arithmetic", "comparison"])
+    assert {r["kind"] for r in rows} == {"arithmetic", "comparison"} and sum(r["label"] for r in rows) == 20
+    assert program_claims(40, 0) != rows
+
+
+def test_the_kinds_param_is_checked_with_the_params():
+    from closedloop.config import FactsParams, build_section
+
+    assert build_section(FactsParams, {"kinds": ["general", "arithmetic"]}, "facts", "params.yaml").kinds
+    for bad in (["nosuch"], ["general"], []):
+        with pytest.raises(UserError, match="params.yaml: facts.kinds: expected null or a list of arithmetic"):
+            build_section(FactsParams, {"kinds": bad}, "facts", "params.yaml")

@@ -33,7 +33,7 @@ def test_killed_stage_leaves_nothing_and_rerun_matches(tmp_path_factory, tiny_mo
     # one prompt per generation batch, so the output is written over many batches
     set_params(root, dict(TINY_PARAMS, model={"base": str(tiny_model_dir)},
                           prepare=dict(TINY_PARAMS["prepare"], num_train=40),
-                          rft=dict(TINY_PARAMS["rft"], batch_size=2, max_new_tokens=24)))
+                          rft=dict(TINY_PARAMS["rft"], num_samples=2, batch_size=2, max_new_tokens=24)))
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
     dvc(root, env, "repro", "rft_sample")
     reference = md5(root / SAMPLES)

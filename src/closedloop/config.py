@@ -140,9 +140,18 @@ class FactsParams:
     general: str = field(default="data/seeds/facts.jsonl", metadata=bounds(path=True))  # split half and half
     num_train: int = field(default=64, metadata=bounds(ge=1))  # program-made (or hub) claims per split,
     num_eval: int = field(default=96, metadata=bounds(ge=1))  # plus `general`'s share
+    # source: program: only these claim kinds (of facts.MAKERS, and `general` for the hand-written
+    # set); null: all. For a model whose P(true) is at chance on some kinds (their AUC is in each
+    # eval's metrics), the kinds where it has signal.
+    kinds: list[str] | None = None
     hub: HubClaimsParams = field(default_factory=HubClaimsParams)
 
     def __post_init__(self) -> None:
+        from closedloop.facts import GENERAL, KINDS
+
+        if self.kinds is not None and (not set(self.kinds) <= set(KINDS) or set(self.kinds) <= {GENERAL}):
+            raise FieldError("kinds", f"expected null or a list of {', '.join(KINDS)} with at least one "
+                                      f"program-made kind, got {self.kinds!r}")
         if self.source == "hub" and not self.hub.dataset:
             raise FieldError("hub.dataset", "expected a dataset id or path when facts.source is hub, got null")
 

@@ -11,7 +11,7 @@ dataset (e.g. CREAK: `sentence`, `label`) plugs in the same way.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from closedloop.errors import UserError
@@ -100,19 +100,26 @@ MAKERS: dict[str, tuple[str, Maker]] = {  # kind: (key prefix, maker)
 }
 
 
-def program_claims(n: int, seed: int) -> list[dict]:
-    """n distinct claims, kinds in rotation, n // 2 true (shuffled), deterministic for (n, seed)."""
+GENERAL = "general"  # the kind of the hand-written claims (data/seeds/facts.jsonl)
+KINDS = (*MAKERS, GENERAL)
+
+
+def program_claims(n: int, seed: int, kinds: Sequence[str] | None = None) -> list[dict]:
+    """n distinct claims of `kinds` (default: every maker) in rotation, n // 2 true (shuffled),
+    deterministic for (n, seed, kinds)."""
     if n < 1:
         raise ValueError(f"program_claims: n must be >= 1, got {n}")
     rng = random.Random(seed)
     truths = [i < n // 2 for i in range(n)]
     rng.shuffle(truths)
-    kinds = list(MAKERS)
+    makers = [k for k in MAKERS if kinds is None or k in kinds]
+    if not makers:
+        raise ValueError(f"program_claims: no claim maker among {list(kinds or [])}")
     rows, seen = [], set()
     for i, truth in enumerate(truths):
         # Resample on a repeat; a kind whose space is used up (there are only 14 true weekday
         # claims) hands over to the next kind.
-        for kind in kinds[i % len(kinds):] + kinds[: i % len(kinds)]:
+        for kind in makers[i % len(makers):] + makers[: i % len(makers)]:
             prefix, make = MAKERS[kind]
             claim = next((c for c in (make(rng, truth) for _ in range(50)) if c not in seen), None)
             if claim is not None:

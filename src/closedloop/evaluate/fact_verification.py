@@ -7,12 +7,14 @@ evaluation, DCT's scoring of its graphs and DCT's training examples, so what DCT
 what the evaluation reads.
 
     fewshot  raw text: an instruction, four labelled examples, `Claim: ...` / `Answer:`, labels
-             " true" / " false". The default: on SmolLM2-135M it is the only format whose
-             P(true) separates true from false claims at all (AUC ~0.6 on arithmetic and
-             comparisons, measured on 144 claims); the chat formats put nearly every claim below 0.5.
+             " true" / " false". The default: on SmolLM2-135M the chat formats put nearly every
+             claim below 0.5. Even so its P(true) has signal on few claim families: on 940
+             program-made and hand-written claims, AUC 0.65 on set membership, 0.52 on
+             comparisons, 0.44-0.51 on the rest (each eval logs `fact_auc_<kind>`).
     chat     the chat template: a user question, labels "true" / "false" after the assistant header.
 
-Metric: `fact_accuracy` (ratio of correct predictions; the per-kind breakdown in the report).
+Metric: `fact_accuracy` (ratio of correct predictions; the per-kind breakdown in the report),
+beside it the ROC AUC of P(true), overall and per claim kind (`fact_auc`, `fact_auc_<kind>`).
 """
 
 from __future__ import annotations
@@ -93,10 +95,30 @@ class FactVerification:
         out = []
         for r, p in zip(rows, probs):
             correct = float((p >= 0.5) == r["label"])
+            kind = r.get("kind", "claim")
             out.append({"suite": self.name, "key": r["key"], "claim": r["claim"], "label": r["label"], "p_true": p,
-                        "scores": {"fact_accuracy": [correct, 1.0]},
-                        "breakdown": {r.get("kind", "claim"): [correct, 1.0]}})
+                        "kind": kind, "scores": {"fact_accuracy": [correct, 1.0]},
+                        "breakdown": {kind: [correct, 1.0]}})
         return out
+
+    def summary(self, records: list[dict]) -> dict[str, float]:
+        return auc_by_kind(records)
+
+
+def auc_by_kind(records: list[dict]) -> dict[str, float]:
+    """ROC AUC of P(true) for the labels, overall (`fact_auc`) and per claim kind (`fact_auc_<kind>`):
+    0.5 is chance, whatever the threshold. A kind with one label only has no AUC and is left out."""
+    from sklearn.metrics import roc_auc_score
+
+    groups: dict[str, list[dict]] = {"": list(records)}
+    for r in records:
+        groups.setdefault(r.get("kind", "claim"), []).append(r)
+    out = {}
+    for kind, rows in groups.items():
+        labels = [bool(r["label"]) for r in rows]
+        if len(set(labels)) == 2:
+            out[f"fact_auc_{kind}" if kind else "fact_auc"] = float(roc_auc_score(labels, [r["p_true"] for r in rows]))
+    return out
 
 
 register_suite(FactVerification())

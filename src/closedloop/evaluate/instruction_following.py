@@ -169,5 +169,8 @@ class InstructionFollowing:
         return [{"suite": self.name, **r, "scores": scores(r, i), "breakdown": breakdown(r, i)}
                 for i, r in enumerate(results)]
 
+    def summary(self, records: list[dict]) -> dict[str, float]:
+        return {}
+
 
 register_suite(InstructionFollowing())

@@ -32,6 +32,11 @@ class Suite(Protocol):
         """Score the model behind `backend` on `examples` (from `load`); one record per example."""
         ...
 
+    def summary(self, records: list[dict]) -> dict[str, float]:
+        """Figures of the whole set that are not ratios of sums (an AUC), logged beside the
+        metrics; {} for none."""
+        ...
+
 
 _SUITES: dict[str, Suite] = {}
 

@@ -13,6 +13,10 @@
              label, found exactly (methods/dct_solver.py)
     feedback SFT (TRL, LoRA by default) on "is this claim true?" examples of that assignment, in
              the format the evaluation reads (`evaluate.claim_format`)
+    ablation the same SFT on the seeds alone (their given labels, or the model's own): the
+             paper's baseline, which DCT must beat
+    measure  coherence (the model's own labels satisfy every edge) on held-out graphs, expanded
+             from claims no model trained on
 
 The stages (stages/dct.py) read and write files; everything here is rows in, rows out.
 A graph row: {"graph", "nodes": [{"id", "text", "role", "fixed", "label"}], "edges": [[src, dst, kind]]}.
@@ -74,10 +78,20 @@ class DCTConsistencyParams:
 
 
 @dataclass
+class DCTHeldoutParams:
+    # Coherence is measured on graphs no model trained on: one per claim of this jsonl (its `claim`
+    # texts; labels unread), a training seed's text excluded, expanded by models/base as dct_expand
+    # expands the seeds.
+    claims: str = field(default="data/facts/eval.jsonl", metadata=bounds(path=True))
+    max_seeds: int = field(default=24, metadata=bounds(ge=1))  # a deterministic subset of this many
+
+
+@dataclass
 class DCTConfig:
     seeds: DCTSeedParams = field(default_factory=DCTSeedParams)
     expand: DCTExpandParams = field(default_factory=DCTExpandParams)
     consistency: DCTConsistencyParams = field(default_factory=DCTConsistencyParams)
+    heldout: DCTHeldoutParams = field(default_factory=DCTHeldoutParams)
     batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))  # sequences per generation/scoring batch
     # Repeat the rarer label's examples until both labels are equally many. Contradiction edges make
     # most chosen labels false, and without this the model learns to answer "false" to everything,
@@ -238,6 +252,29 @@ def solve_graph(graph: dict, max_nodes: int, oversize: str) -> tuple[dict, dict]
              "edges_dropped_by_split": dropped // 2}
     solved = {**graph, "nodes": [{**n, "own": o, "assigned": a} for n, o, a in zip(nodes, own, assigned)]}
     return solved, stats
+
+
+def heldout_seeds(texts: Sequence[str], train_seeds: Sequence[dict], max_seeds: int, seed: int) -> list[dict]:
+    """Unlabelled seeds for the held-out graphs: the distinct texts that are no training seed (up
+    to case and punctuation), a deterministic subset of at most max_seeds."""
+    seen = {_norm(s["text"]) for s in train_seeds}
+    rows = []
+    for text in texts:
+        if _norm(text) and _norm(text) not in seen:
+            seen.add(_norm(text))
+            rows.append({"text": text, "fixed": False, "label": None, "source": "heldout"})
+    return limit_seeds(rows, max_seeds, seed)
+
+
+def seed_only_rows(graphs: Sequence[dict]) -> list[dict]:
+    """The paper's ablation: (claim, label) of each graph's seed alone, no implication and no
+    consistency step: a fixed seed's given label, else the model's own (P(true) >= 0.5)."""
+    rows = []
+    for g in graphs:
+        seed = g["nodes"][0]
+        label = bool(seed["label"]) if seed["fixed"] else seed["p_true"] >= 0.5
+        rows.append({"claim": seed["text"], "label": label, "graph": g["graph"]})
+    return rows
 
 
 def training_rows(graphs: Sequence[dict]) -> list[dict]:

@@ -1,15 +1,18 @@
 """DCT's stages (dvc.yaml `meta: {method: dct}`): seed, expand, score, solve, train, coherence.
 
-    dct_seed       seed claims by dct.seeds.mode                     data/dct/seeds.jsonl
-    dct_expand     one graph per seed: implied and contradicting claims (models/base writes them)
-                                                                     data/dct/graphs.jsonl
-    dct_score      P(true) of every node (models/base, label scoring) data/dct/scored.jsonl
-    dct_solve      the most probable consistent assignment per graph  data/dct/solved.jsonl, metrics
-    dct_train      SFT from models/base on the assignment            models/dct
-    dct_coherence  how often models/dct's own labels satisfy the graphs, against models/base's
+    dct_seed         seed claims by dct.seeds.mode                   data/dct/seeds.jsonl
+    dct_expand       one graph per seed, and per held-out claim: implied and contradicting claims
+                     (models/base writes them)          data/dct/{graphs,heldout_graphs}.jsonl
+    dct_score        P(true) of every node (models/base, label scoring) data/dct/scored.jsonl
+    dct_solve        the most probable consistent assignment per graph data/dct/solved.jsonl, metrics
+    dct_train        SFT from models/base on the assignment          models/dct
+    dct_train_seeds  the same SFT on the seeds alone (the ablation)  models/dct-seeds
+    dct_coherence    how often each model's own labels satisfy the held-out graphs
+                                                                     data/dct/coherence/<model>/records.jsonl
 
 The fact-verification accuracy of base vs DCT is the shared `eval@dct` (evaluate.models.dct:
-models/dct) with the `fact_verification` suite, in the comparison report.
+models/dct) with the `fact_verification` suite, in the comparison report; the ablation's is
+`eval@dct-seeds` where evaluate.models names it (the effect run, experiments/dct.yaml).
 """
 
 from __future__ import annotations
@@ -84,23 +87,35 @@ def run_seed(params: Any, root: Path, key: str | None) -> None:
 
 
 def run_expand(params: Any, root: Path, key: str | None) -> None:
+    """The training graphs from the seeds, and the held-out graphs (coherence's) from
+    dct.heldout.claims, both expanded by models/base in the same way."""
     e = params.dct.expand.value()  # validity_threshold matters only with validate: declared and read whole
+    h = params.dct.heldout
     seeds = read_jsonl(root / DATA / "seeds.jsonl")
+    heldout = dct.heldout_seeds(_texts(root / h.claims, "claim", "dct.heldout.claims"), seeds, h.max_seeds,
+                                params.seed)
+    if not heldout:
+        raise UserError(f"dct.heldout.claims: {h.claims}: every claim is a training seed; name claims that are not")
     backend = open_backend(params, root, "models/base", params.dct.batch_size)
-    graphs = dct.build_graphs(seeds, _claim_generator(backend, e), e.num_implied, e.num_contradicted, params.seed)
-    pruned = 0
-    if e.validate:
-        from closedloop.label_scoring import score_labels
+    generate = _claim_generator(backend, e)
+    metrics: dict[str, float] = {}
+    for name, rows in (("graphs", seeds), ("heldout_graphs", heldout)):
+        graphs = dct.build_graphs(rows, generate, e.num_implied, e.num_contradicted, params.seed)
+        pruned = 0
+        if e.validate:
+            from closedloop.label_scoring import score_labels
 
-        def p_valid(chats: list[list[dict]]) -> list[float]:
-            return [p[0] for p in score_labels(backend.model, backend.tokenizer, chats, [" yes", " no"],
-                                               params.dct.batch_size)]
+            def p_valid(chats: list[list[dict]]) -> list[float]:
+                return [p[0] for p in score_labels(backend.model, backend.tokenizer, chats, [" yes", " no"],
+                                                   params.dct.batch_size)]
 
-        graphs, pruned = dct.prune_invalid(graphs, p_valid, e.validity_threshold)
-    write_jsonl(root / DATA / "graphs.jsonl", graphs)
-    edges = sum(len(g["edges"]) for g in graphs)
-    mlflow.log_metrics({"graphs": len(graphs), "nodes": sum(len(g["nodes"]) for g in graphs), "edges": edges,
-                        "edges_pruned": pruned, "graphs_without_edges": sum(not g["edges"] for g in graphs)})
+            graphs, pruned = dct.prune_invalid(graphs, p_valid, e.validity_threshold)
+        write_jsonl(root / DATA / f"{name}.jsonl", graphs)
+        prefix = "" if name == "graphs" else "heldout_"
+        metrics |= {f"{prefix}graphs": len(graphs), f"{prefix}nodes": sum(len(g["nodes"]) for g in graphs),
+                    f"{prefix}edges": sum(len(g["edges"]) for g in graphs), f"{prefix}edges_pruned": pruned,
+                    f"{prefix}graphs_without_edges": sum(not g["edges"] for g in graphs)}
+    mlflow.log_metrics(metrics)
 
 
 def _score_nodes(params: Any, root: Path, model_dir: str, graphs: list[dict]) -> list[list[float]]:
@@ -159,67 +174,91 @@ def run_solve(params: Any, root: Path, key: str | None) -> None:
     mlflow.log_table(pd.DataFrame(stats), "graph_summary.json")
 
 
-def run_train(params: Any, root: Path, key: str | None) -> None:
+def _train(params: Any, root: Path, rows: list[dict], out: str, metrics_path: Path) -> None:
+    """SFT from models/base on (claim, label) rows, in the evaluation's claim format, into `out`."""
     from closedloop.evaluate.fact_verification import training_example
     from closedloop.feedback.sft import train_sft
 
-    rows = dct.training_rows(read_jsonl(root / DATA / "solved.jsonl"))
-    if not rows:
-        raise UserError(f"{DATA / 'solved.jsonl'}: no claims to train on; check dct_expand's output")
     fmt = params.evaluate.claim_format
     labelled = dct.balance(rows) if params.dct.balance_labels else rows
     examples = [training_example(r["claim"], r["label"], fmt) for r in labelled]
-    with atomic_dir(root / "models/dct") as tmp:
+    with atomic_dir(root / out) as tmp:
         metrics = train_sft(root / "models/base", examples, tmp, params.dct.sft.value(), seed=params.seed,
                             dtype=params.model.dtype)
         if (tmp / "adapter").is_dir():
             mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
     metrics["true_fraction"] = sum(r["label"] for r in rows) / len(rows)
-    log_training(metrics, root / DATA / "train_metrics.json")
+    log_training(metrics, metrics_path)
+
+
+def run_train(params: Any, root: Path, key: str | None) -> None:
+    rows = dct.training_rows(read_jsonl(root / DATA / "solved.jsonl"))
+    if not rows:
+        raise UserError(f"{DATA / 'solved.jsonl'}: no claims to train on; check dct_expand's output")
+    _train(params, root, rows, "models/dct", root / DATA / "train_metrics.json")
+
+
+def run_train_seeds(params: Any, root: Path, key: str | None) -> None:
+    """The ablation: the same SFT on the seed claims alone (models/dct-seeds)."""
+    rows = dct.seed_only_rows(read_jsonl(root / DATA / "scored.jsonl"))
+    _train(params, root, rows, "models/dct-seeds", root / DATA / "train_seeds_metrics.json")
+
+
+# The models coherence is measured for, by name (their records: data/dct/coherence/<name>/records.jsonl)
+COHERENCE_MODELS = {"base": "models/base", "dct": "models/dct", "dct-seeds": "models/dct-seeds"}
+COHERENCE = DATA / "coherence"
+
+
+def coherence_records(graphs: list[dict], probs: list[list[float]]) -> list[dict]:
+    """Per held-out graph, whether the model's own labels (P(true) >= 0.5) satisfy every edge, and
+    how many edges they satisfy: records in the evaluation suites' shape, so the comparison and the
+    effect runs pair them like any metric."""
+    out = []
+    for g, ps in zip(graphs, probs):
+        own = [p >= 0.5 for p in ps]
+        sat, n = dct.coherence([g], lambda _: own)[0]
+        out.append({"suite": "coherence", "key": g["graph"], "scores": {
+            "coherent": [float(sat == n), 1.0], "edge_satisfaction": [float(sat), float(n)],
+            "own_true": [float(sum(own)), float(len(own))]}, "breakdown": {}})
+    return out
 
 
 def run_coherence(params: Any, root: Path, key: str | None) -> None:
-    """Coherence before (models/base, from dct_score) and after (models/dct) on the same graphs: the
-    share of graphs whose own labels satisfy every edge, with a paired bootstrap difference."""
+    """Coherence of base, DCT and the seeds-only ablation on the held-out graphs (paired bootstrap
+    differences), and how much of its chosen labelling DCT learned on its training graphs."""
     import pandas as pd
 
-    from closedloop.evaluate.bootstrap import paired_difference, ratio_interval
+    from closedloop.evaluate.compare import compare_suite
 
-    graphs = [g for g in read_jsonl(root / DATA / "solved.jsonl") if g["edges"]]
+    graphs = [g for g in read_jsonl(root / DATA / "heldout_graphs.jsonl") if g["edges"]]
     if not graphs:
-        raise UserError(f"{DATA / 'solved.jsonl'}: no graph has an edge; coherence is undefined")
-    after = _score_nodes(params, root, "models/dct", graphs)
-    before_sat = dct.coherence(graphs, lambda g: [n["own"] for n in g["nodes"]])
-    own_after = {g["graph"]: [p >= 0.5 for p in ps] for g, ps in zip(graphs, after)}
-    after_sat = dct.coherence(graphs, lambda g: own_after[g["graph"]])
-    ones = [1.0] * len(graphs)
-    before_ok = [float(s == n) for s, n in before_sat]
-    after_ok = [float(s == n) for s, n in after_sat]
-    b, seed = params.evaluate.bootstrap, params.seed
-    diff = paired_difference(after_ok, ones, before_ok, ones, b, seed)
-    agree = sum(o == n["assigned"] for g in graphs for o, n in zip(own_after[g["graph"]], g["nodes"]))
-    nodes = sum(len(g["nodes"]) for g in graphs)
-    metrics = {
-        "coherence_before": ratio_interval(before_ok, ones, b, seed)["value"],
-        "coherence_after": ratio_interval(after_ok, ones, b, seed)["value"],
-        "coherence_diff": diff["value"], "coherence_diff_ci_low": diff["ci_low"],
-        "coherence_diff_ci_high": diff["ci_high"],
-        "edge_satisfaction_before": sum(s for s, _ in before_sat) / sum(n for _, n in before_sat),
-        "edge_satisfaction_after": sum(s for s, _ in after_sat) / sum(n for _, n in after_sat),
-        "assignment_agreement_after": agree / nodes,  # how much of the chosen labelling the model learned
-        # all-false satisfies every graph: these show whether coherence came from answering "false"
-        "own_true_fraction_before": sum(n["own"] for g in graphs for n in g["nodes"]) / nodes,
-        "own_true_fraction_after": sum(sum(v) for v in own_after.values()) / nodes,
-        "graphs": len(graphs),
-    }
+        raise UserError(f"{DATA / 'heldout_graphs.jsonl'}: no held-out graph has an edge; coherence is undefined")
+    by_model = {}
+    for name, model_dir in COHERENCE_MODELS.items():
+        by_model[name] = coherence_records(graphs, _score_nodes(params, root, model_dir, graphs))
+        write_jsonl(root / COHERENCE / name / "records.jsonl", by_model[name])
+    metrics_of = ("coherent", "edge_satisfaction", "own_true")
+    metrics: dict[str, float] = {"heldout_graphs": len(graphs)}
+    for reference in ("base", "dct-seeds"):
+        result = compare_suite(by_model, metrics_of, reference, params.evaluate.bootstrap, params.seed)
+        for name, row in result["models"].items():
+            metrics |= {f"{m}_{name}": row["metrics"][m]["value"] for m in metrics_of}
+            if name == "dct":  # all-false satisfies every graph: own_true shows whether coherence came from "false"
+                d = row["diff"]["coherent"]
+                metrics |= {f"coherence_diff_vs_{reference}": d["value"],
+                            f"coherence_diff_vs_{reference}_ci_low": d["ci_low"],
+                            f"coherence_diff_vs_{reference}_ci_high": d["ci_high"]}
+    trained = read_jsonl(root / DATA / "solved.jsonl")
+    own_after = _score_nodes(params, root, "models/dct", trained)
+    agree = sum((p >= 0.5) == n["assigned"] for g, ps in zip(trained, own_after) for p, n in zip(ps, g["nodes"]))
+    metrics["assignment_agreement_train"] = agree / max(1, sum(len(g["nodes"]) for g in trained))
     write_json(root / DATA / "coherence_metrics.json", metrics)
     mlflow.log_metrics(metrics)
     mlflow.log_table(pd.DataFrame([
         {"graph": g["graph"], "nodes": len(g["nodes"]), "edges": len(g["edges"]),
-         "flips": sum(n["own"] != n["assigned"] for n in g["nodes"] if not n["fixed"]),
-         "consistent_before": bool(bo), "consistent_after": bool(ao)}
-        for g, bo, ao in zip(graphs, before_ok, after_ok)]), "graph_summary.json")
+         **{f"coherent_{name}": bool(recs[i]["scores"]["coherent"][0]) for name, recs in by_model.items()}}
+        for i, g in enumerate(graphs)]), "heldout_graph_summary.json")
 
 
 STAGES = {"dct_seed": run_seed, "dct_expand": run_expand, "dct_score": run_score, "dct_solve": run_solve,
-          "dct_train": run_train, "dct_coherence": run_coherence}
+          "dct_train": run_train, "dct_train_seeds": run_train_seeds, "dct_coherence": run_coherence}

@@ -59,8 +59,12 @@ def run_facts(params: Any, root: Path, key: str | None) -> None:
         rows = facts.load_hub_claims(h.dataset, h.split, h.claim_column, h.label_column, h.config)
         train, evalset = facts.split_claims(rows, f.num_train, f.num_eval, params.seed)
     else:
-        general = facts.load_claims(root / f.general, "facts.general")
-        made = facts.program_claims(f.num_train + f.num_eval, params.seed)
+        general = [r for r in facts.load_claims(root / f.general, "facts.general")
+                   if f.kinds is None or facts.GENERAL in f.kinds]
+        try:
+            made = facts.program_claims(f.num_train + f.num_eval, params.seed, f.kinds)
+        except ValueError as err:  # the kinds asked for cannot make that many distinct claims
+            raise UserError(f"facts.kinds: {err}; add kinds or lower facts.num_train + facts.num_eval") from None
         train, evalset = facts.split_claims(made, f.num_train, f.num_eval, params.seed)
         by_label = [[r for r in general if r["label"] == v] for v in (True, False)]
         train += [r for rows in by_label for r in rows[1::2]]
@@ -96,6 +100,7 @@ def run_eval(params: Any, root: Path, name: str | None) -> None:
             den = [r["scores"][m][1] for r in rows]
             iv = ratio_interval(num, den, e.bootstrap, params.seed)
             metrics |= {m: iv["value"], f"{m}_ci_low": iv["ci_low"], f"{m}_ci_high": iv["ci_high"]}
+        metrics |= suite.summary(rows)
         metrics[f"{suite_name}_examples"] = len(rows)
     write_jsonl(out / "records.jsonl", records)
     write_json(out / "metrics.json", metrics)
