@@ -45,17 +45,18 @@ def tiny_project(tmp_path_factory, tiny_model_dir, name: str):
     return root, env
 
 
-def set_args(sets: list[str]) -> list[str]:
-    return [a for s in sets for a in ("--set", s)]
+def tiny_effect(tmp_path_factory, tiny_model_dir, name: str, sets: list[str]):
+    """`closedloop effect <name> --set ...` in a tiny project: (root, env, params.yaml's bytes
+    before the run, the process, the --set arguments)."""
+    root, env = tiny_project(tmp_path_factory, tiny_model_dir, f"{name}_effect")
+    params_before = (root / "params.yaml").read_bytes()
+    args = [a for s in sets for a in ("--set", s)]
+    return root, env, params_before, run(root, env, "effect", name, *args), args
 
 
 @pytest.fixture(scope="module")
 def effect(tmp_path_factory, tiny_model_dir):
-    root, env = tiny_project(tmp_path_factory, tiny_model_dir, "effect")
-    params_before = (root / "params.yaml").read_bytes()
-    args = set_args(TINY_RFT)
-    proc = run(root, env, "effect", "rft", *args)
-    return root, env, params_before, proc, args
+    return tiny_effect(tmp_path_factory, tiny_model_dir, "rft", TINY_RFT)
 
 
 def test_effect_run_writes_its_results_file(effect):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_e2e_effect import run, set_args, tiny_project
+from test_e2e_effect import tiny_effect
 
 pytestmark = pytest.mark.e2e
 
@@ -21,9 +21,7 @@ TINY_DCT = ["facts.num_train=8", "facts.num_eval=8", "dct.seeds.max_seeds=4", "d
 
 @pytest.fixture(scope="module")
 def dct_effect(tmp_path_factory, tiny_model_dir):
-    root, env = tiny_project(tmp_path_factory, tiny_model_dir, "dct_effect")
-    run(root, env, "effect", "dct", *set_args(TINY_DCT))
-    return root
+    return tiny_effect(tmp_path_factory, tiny_model_dir, "dct", TINY_DCT)[0]
 
 
 def test_dct_effect_compares_with_the_seeds_only_ablation(dct_effect):

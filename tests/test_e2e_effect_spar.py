@@ -7,7 +7,7 @@ import json
 import pytest
 
 from closedloop.effects import RESULT_KEYS
-from test_e2e_effect import run, set_args, tiny_project
+from test_e2e_effect import tiny_effect
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +23,7 @@ TINY_SPAR = ["prepare.num_train=8", "prepare.num_eval=6", "spar.judge.max_new_to
 
 @pytest.fixture(scope="module")
 def spar_effect(tmp_path_factory, tiny_model_dir):
-    root, env = tiny_project(tmp_path_factory, tiny_model_dir, "spar_effect")
-    run(root, env, "effect", "spar", *set_args(TINY_SPAR))
-    return root
+    return tiny_effect(tmp_path_factory, tiny_model_dir, "spar", TINY_SPAR)[0]
 
 
 def test_spar_effect_reports_actor_and_judge_rows(spar_effect):

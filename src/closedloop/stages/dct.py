@@ -98,17 +98,18 @@ def run_expand(params: Any, root: Path, key: str | None) -> None:
         raise UserError(f"dct.heldout.claims: {h.claims}: every claim is a training seed; name claims that are not")
     backend = open_backend(params, root, "models/base", params.dct.batch_size)
     generate = _claim_generator(backend, e)
+
+    def p_valid(chats: list[list[dict]]) -> list[float]:
+        from closedloop.label_scoring import score_labels
+
+        return [p[0] for p in score_labels(backend.model, backend.tokenizer, chats, [" yes", " no"],
+                                           params.dct.batch_size)]
+
     metrics: dict[str, float] = {}
     for name, rows in (("graphs", seeds), ("heldout_graphs", heldout)):
         graphs = dct.build_graphs(rows, generate, e.num_implied, e.num_contradicted, params.seed)
         pruned = 0
         if e.validate:
-            from closedloop.label_scoring import score_labels
-
-            def p_valid(chats: list[list[dict]]) -> list[float]:
-                return [p[0] for p in score_labels(backend.model, backend.tokenizer, chats, [" yes", " no"],
-                                                   params.dct.batch_size)]
-
             graphs, pruned = dct.prune_invalid(graphs, p_valid, e.validity_threshold)
         write_jsonl(root / DATA / f"{name}.jsonl", graphs)
         prefix = "" if name == "graphs" else "heldout_"
@@ -233,23 +234,25 @@ def run_coherence(params: Any, root: Path, key: str | None) -> None:
     graphs = [g for g in read_jsonl(root / DATA / "heldout_graphs.jsonl") if g["edges"]]
     if not graphs:
         raise UserError(f"{DATA / 'heldout_graphs.jsonl'}: no held-out graph has an edge; coherence is undefined")
-    by_model = {}
-    for name, model_dir in COHERENCE_MODELS.items():
-        by_model[name] = coherence_records(graphs, _score_nodes(params, root, model_dir, graphs))
-        write_jsonl(root / COHERENCE / name / "records.jsonl", by_model[name])
-    metrics_of = ("coherent", "edge_satisfaction", "own_true")
-    metrics: dict[str, float] = {"heldout_graphs": len(graphs)}
-    for reference in ("base", "dct-seeds"):
-        result = compare_suite(by_model, metrics_of, reference, params.evaluate.bootstrap, params.seed)
-        for name, row in result["models"].items():
-            metrics |= {f"{m}_{name}": row["metrics"][m]["value"] for m in metrics_of}
-            if name == "dct":  # all-false satisfies every graph: own_true shows whether coherence came from "false"
-                d = row["diff"]["coherent"]
-                metrics |= {f"coherence_diff_vs_{reference}": d["value"],
-                            f"coherence_diff_vs_{reference}_ci_low": d["ci_low"],
-                            f"coherence_diff_vs_{reference}_ci_high": d["ci_high"]}
     trained = read_jsonl(root / DATA / "solved.jsonl")
-    own_after = _score_nodes(params, root, "models/dct", trained)
+    # DCT's model is loaded once for both: the held-out graphs, then its own training graphs
+    probs = {name: _score_nodes(params, root, model_dir, graphs + trained if name == "dct" else graphs)
+             for name, model_dir in COHERENCE_MODELS.items()}
+    own_after = probs["dct"][len(graphs):]
+    by_model = {name: coherence_records(graphs, ps[:len(graphs)]) for name, ps in probs.items()}
+    for name, records in by_model.items():
+        write_jsonl(root / COHERENCE / name / "records.jsonl", records)
+    metrics_of = ("coherent", "edge_satisfaction", "own_true")
+    b, seed = params.evaluate.bootstrap, params.seed
+    result = compare_suite(by_model, metrics_of, "base", b, seed)
+    # all-false satisfies every graph: own_true shows whether coherence came from answering "false"
+    metrics: dict[str, float] = {"heldout_graphs": len(graphs)} | {
+        f"{m}_{name}": row["metrics"][m]["value"] for name, row in result["models"].items() for m in metrics_of}
+    vs_ablation = compare_suite({k: by_model[k] for k in ("dct-seeds", "dct")}, ("coherent",), "dct-seeds", b, seed)
+    for reference, res in (("base", result), ("dct-seeds", vs_ablation)):
+        d = res["models"]["dct"]["diff"]["coherent"]
+        metrics |= {f"coherence_diff_vs_{reference}": d["value"], f"coherence_diff_vs_{reference}_ci_low": d["ci_low"],
+                    f"coherence_diff_vs_{reference}_ci_high": d["ci_high"]}
     agree = sum((p >= 0.5) == n["assigned"] for g, ps in zip(trained, own_after) for p, n in zip(ps, g["nodes"]))
     metrics["assignment_agreement_train"] = agree / max(1, sum(len(g["nodes"]) for g in trained))
     write_json(root / DATA / "coherence_metrics.json", metrics)
