@@ -22,8 +22,8 @@ from servers import free_port, start, stop, wait_for
 pytestmark = pytest.mark.e2e
 
 RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval@base", "eval@rft", "compare"}
-SPAR_STAGES = {"spar_init", "spar_eval_init", "eval@spar-it1"} | {f"spar_{s}@it1" for s in ("sample", "judge", "refine", "pairs", "actor",
-                                                                          "refiner", "eval")}
+SPAR_STEPS = ("spar_sample", "spar_judge", "spar_refine", "spar_pairs", "spar_actor", "spar_refiner", "spar_eval")
+SPAR_STAGES = {"spar_init", "spar_eval_init", "eval@spar-it1"} | {f"{s}@it1" for s in SPAR_STEPS}
 DCT_STAGES = {"facts", "eval@dct"} | {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "train_seeds",
                                                              "coherence")}
 SPCT_STAGES = {f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")}
@@ -342,3 +342,42 @@ def test_the_mlflow_ui_opens_on_the_runs_and_compares_the_evaluations(project, t
         assert "prompt_level_strict" in compare_page  # the metrics the runs are compared on
     finally:
         stop(ui)
+
+
+# SPAR's iterations, on the whole graph's project. These two stay last in the module: the second
+# adds an iteration, which the tests above do not expect.
+def test_spar_iteration_through_the_flow(project):
+    root, _, _ = project
+    parents, children = pipeline_runs(root)
+    by_stage = {r.data.tags["closedloop.dvc_stage"]: r for r in children[parents[0].info.run_id]}
+    assert "judge_f1" in by_stage["spar_judge@it1"].data.metrics
+    eval_metrics = by_stage["spar_eval@it1"].data.metrics
+    assert "refiner_judge_f1" in eval_metrics
+    assert "search_prompt_level_strict" in eval_metrics  # the "+search" row (spar.eval_search)
+    assert "heldout_judge_accuracy" in eval_metrics
+    refine = by_stage["spar_refine@it1"].data.metrics
+    assert sum(refine[f"success_depth_{d}"] for d in (1, 2, 3)) == refine["successful_trees"]
+    # eval@base's held-out responses are the fixed set every judge (spar_eval_init, spar_eval) judges
+    judges = {name: [json.loads(line) for line in (root / f"data/spar/judge/{name}/records.jsonl").open()]
+              for name in ("base", "init", "it1")}
+    assert len({tuple(r["key"] for r in rows) for rows in judges.values()}) == 1  # the same responses, paired
+    assert by_stage["spar_pairs@it1"].data.metrics["dpo_pairs"] >= 1
+    assert by_stage["spar_actor@it1"].data.metrics["train_pairs"] >= 1  # the actor really trained with DPO
+    pairs = [json.loads(line) for line in (root / "data/spar/it1/dpo.jsonl").read_text().splitlines()]
+    assert all(p["chosen_value"] > p["rejected_value"] for p in pairs)
+    actor_eval = json.loads((root / "data/eval/spar-it1/metrics.json").read_text())
+    assert 0.0 <= actor_eval["prompt_level_strict"] <= 1.0  # the shared evaluation scored the actor
+    assert (root / "models/spar/it1/actor/model.safetensors").is_file()
+    assert (root / "models/spar/it1/refiner/model.safetensors").is_file()
+
+
+def test_an_added_spar_iteration_reruns_nothing_before_it(project):
+    root, env, _ = project
+    set_params(root, {"spar": {"iterations": {"it1": "init", "it2": "it1"}},
+                      "evaluate": {"models": {"spar-it2": "models/spar/it2/actor"}}})
+    proc = run_flow(root, env, "--target", "spar")
+    # every other method is up to date here, so the comparison takes the new row in as well
+    assert stages_run(proc) == {f"{s}@it2" for s in SPAR_STEPS} | {"eval@spar-it2", "compare"}
+    assert (root / "data/eval/spar-it2/metrics.json").is_file()
+    assert "spar-it2" in (root / "data/compare/report.md").read_text()
+    assert {f"{s}@it2" for s in SPAR_STEPS} <= set(yaml.safe_load((root / "dvc.lock").read_text())["stages"])

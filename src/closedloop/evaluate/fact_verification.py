@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from closedloop.errors import UserError
 from closedloop.evaluate.suites import register_suite
-from closedloop.generate import Prompt
+
+if TYPE_CHECKING:  # generate imports torch; loading params (and every light stage) must not
+    from closedloop.generate import Prompt
 
 # Four shots, two true and two false, none of them a kind of claim the program-made set words the
 # same way (so no eval claim appears in the prompt).
