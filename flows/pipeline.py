@@ -84,6 +84,9 @@ def print_summary(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from closedloop.cache import ensure_cache_dir
+
+    ensure_cache_dir(ROOT)  # finished stages outlive this checkout (closedloop.cache)
     _bootstrap.prepare_temporary_server()
     try:
         print_summary(pipeline(targets=args.target))

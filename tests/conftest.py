@@ -19,6 +19,9 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Each project copy keeps its own DVC cache inside it, so no test restores what another computed
+# and nothing lands in the user's ~/.cache (the tests of the shared cache give theirs explicitly).
+os.environ["CLOSEDLOOP_DVC_CACHE"] = ".dvc/cache"
 # Two test processes share the 2 cores (pytest -n 2): one compute thread each, since two torch
 # processes with two threads each oversubscribe the cores, and OpenMP's spin-waits then make every
 # op many times slower. The tiny models gain nothing from a second thread anyway.

@@ -3,19 +3,23 @@ code path as the effect size, with `--set` shrinking the counts), then `closedlo
 SPAR's and DCT's effect configurations have their own files (test_e2e_effect_spar.py, _dct.py),
 so that pytest-xdist can run them beside this one.
 The experiment is listed by `dvc exp show`, its stages are MLflow runs under one parent named
-after the run, the workspace's params.yaml is left as it was, and results/<run>.json holds the
-paired difference the results table is made from."""
+after the run, the workspace is never touched (the run is a `dvc exp run --temp`; `dvc exp
+apply` brings its outputs in), and results/<run>.json holds the paired difference the results
+table is made from. A run killed with SIGKILL resumes from a fresh clone sharing the DVC cache,
+recomputing only what had not finished, to the same results; `closedloop status` follows it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from conftest import PROJECT, TINY_PARAMS, VENV_BIN, copy_project, project_env, set_params
 from closedloop.effects import RESULT_KEYS, load_results, load_spec, render_readme, validate
+from closedloop.errors import UserError
 
 pytestmark = pytest.mark.e2e
 
@@ -45,13 +49,23 @@ def tiny_project(tmp_path_factory, tiny_model_dir, name: str):
     return root, env
 
 
+def git_status(root, env) -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, env=env,
+                          capture_output=True, text=True, check=True).stdout
+
+
 def tiny_effect(tmp_path_factory, tiny_model_dir, name: str, sets: list[str]):
-    """`closedloop effect <name> --set ...` in a tiny project: (root, env, params.yaml's bytes
-    before the run, the process, the --set arguments)."""
+    """`closedloop effect <name> --set ...` in a tiny project, then `dvc exp apply <name>` so the
+    tests read its outputs: (root, env, `git status` of tracked files right after the run, the
+    process, the --set arguments)."""
     root, env = tiny_project(tmp_path_factory, tiny_model_dir, f"{name}_effect")
-    params_before = (root / "params.yaml").read_bytes()
     args = [a for s in sets for a in ("--set", s)]
-    return root, env, params_before, run(root, env, "effect", name, *args), args
+    proc = run(root, env, "effect", name, *args)
+    after = git_status(root, env)
+    # exits non-zero for the outputs of stages the run did not need (dvc.lock holds the committed
+    # hashes of those, which this copy's cache lacks); the run's own outputs are checked out
+    subprocess.run([f"{VENV_BIN}/dvc", "exp", "apply", name], cwd=root, env=env, capture_output=True)
+    return root, env, after, proc, args
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +88,9 @@ def test_effect_run_writes_its_results_file(effect):
     assert sum(1 for _ in open(root / "data/eval/rft/records.jsonl")) == 6
 
 
-def test_workspace_params_are_left_as_they_were(effect):
-    root, _, params_before, _, _ = effect
-    assert (root / "params.yaml").read_bytes() == params_before
+def test_the_workspace_is_left_as_it_was(effect):
+    _, _, status_after_run, _, _ = effect
+    assert status_after_run == ""  # params.yaml, dvc.lock and every tracked file equal git's
 
 
 def test_dvc_exp_show_lists_the_run_with_its_overrides(effect):
@@ -143,30 +157,129 @@ def test_the_readmes_results_table_is_generated_from_the_committed_files():
     assert render_readme(readme, load_results(PROJECT)) == readme, "run `closedloop results`"
 
 
-def test_an_edit_made_during_the_run_is_kept(tmp_path, monkeypatch, capsys):
-    """The workspace's params.yaml comes back as it was only when it holds exactly the run's
-    overrides (what `dvc exp run -S` wrote); a user's edit during the run is kept and reported.
-    DVC is replaced by a stand-in here: what is tested is the restore rule, not DVC."""
-    import yaml as _yaml
+# ---- a run killed with SIGKILL, resumed from a fresh clone that shares the DVC cache ----
 
-    from closedloop import effects
+VOLATILE = ("wall_seconds", "stages", "attempts")  # what may differ between attempts: the cost, not the result
 
-    (tmp_path / "params.yaml").write_text("# mine\nseed: 0\nprepare: {num_eval: 48}\n")
-    spec = effects.EffectSpec("x", "rft", "d", ["eval@base"], {"prepare.num_eval": 200}, [])
 
-    def fake_run(cmd, **kw):
-        if cmd[1:3] == ["exp", "run"]:
-            data = _yaml.safe_load((tmp_path / "params.yaml").read_text())
-            data["prepare"]["num_eval"] = 200
-            data.update(extra)
-            (tmp_path / "params.yaml").write_text(_yaml.safe_dump(data))
-        return subprocess.CompletedProcess(cmd, 0)
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the effect run and everything under it (DVC runs stage commands in their own session)."""
+    import psutil
 
-    monkeypatch.setattr(effects.subprocess, "run", fake_run)
-    extra = {}
-    effects.run_experiment(tmp_path, spec, {})
-    assert (tmp_path / "params.yaml").read_text().startswith("# mine")  # restored, comments and all
-    extra = {"seed": 5}  # the user changed the seed while the run went on
-    effects.run_experiment(tmp_path, spec, {})
-    assert _yaml.safe_load((tmp_path / "params.yaml").read_text())["seed"] == 5
-    assert "edited while the effect run went on" in capsys.readouterr().err
+    try:
+        runner = psutil.Process(pid)
+        for p in [*runner.children(recursive=True), runner]:
+            p.kill()
+    except psutil.Error:
+        pass
+
+
+def _without(data: dict, keys=VOLATILE) -> dict:
+    return {k: ([_without(r, keys) for r in v] if k == "rows" else v) for k, v in data.items() if k not in keys}
+
+
+@pytest.fixture(scope="module")
+def resumed(effect, tmp_path_factory):
+    """Clone B of the effect fixture's commit, its DVC cache outside it: `closedloop effect rft
+    --detach`, watched with `closedloop status` and SIGKILLed once its fourth stage has started; then
+    a fresh clone C on the same cache reruns it to the end."""
+    import re
+    import time
+
+    import psutil
+
+    from closedloop.run_state import RunState
+
+    origin, env, _, _, args = effect
+    tmp = tmp_path_factory.mktemp("resume")
+    env = env | {"CLOSEDLOOP_DVC_CACHE": str(tmp / "shared" / "dvc")}
+    b, c = tmp / "b", tmp / "c"
+    subprocess.run(["git", "clone", "-q", str(origin), str(b)], check=True)
+    detached = run(b, env, "effect", "rft", *args, "--detach").stdout
+    pid = int(re.search(r"pid (\d+)", detached).group(1))
+    log = Path(re.search(r"output: (\S+)", detached).group(1))
+    seen_running, st, states, deadline = None, None, [], time.time() + 900
+    try:
+        while time.time() < deadline and psutil.pid_exists(pid):
+            try:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("CLOSEDLOOP_DVC_CACHE", env["CLOSEDLOOP_DVC_CACHE"])
+                    st = RunState.latest(b, "rft").status()
+            except UserError:  # the run has not recorded its first attempt yet
+                time.sleep(0.05)
+                continue
+            states = [r["state"] for r in st["rows"]]
+            if seen_running is None and "done" in states and "pending" in states and any(
+                    r["state"] == "running" and r.get("progress") for r in st["rows"]):
+                seen_running = st
+            # a stage's end is recorded before DVC commits its outputs to the cache; DVC starts the
+            # next stage only after that, so three ended and one started means three committed
+            if states.count("done") >= 3 and "running" in states:
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_tree(pid)
+    assert states.count("done") >= 3 and "pending" in states, (st, log.read_text()[-3000:])
+    assert "Running stage" in log.read_text()  # the detached run's output went to its log
+    killed = {r["stage"] for r in st["rows"] if r["state"] == "done"}
+    status_text = run(b, env, "status", "rft").stdout
+    subprocess.run(["git", "clone", "-q", str(origin), str(c)], check=True)
+    resumed_proc = run(c, env, "effect", "rft", *args)
+    return {"b": b, "c": c, "env": env, "args": args, "origin": origin, "status": seen_running,
+            "killed_done": killed, "status_text": status_text, "proc": resumed_proc}
+
+
+def test_status_showed_the_run_in_progress(resumed):
+    st = resumed["status"]
+    assert st is not None, "never saw a stage running with progress beside done and pending ones"
+    running = [r for r in st["rows"] if r["state"] == "running"]
+    assert len(running) == 1 and running[0]["progress"]["done"] <= (running[0]["progress"]["total"] or 1e9)
+    assert st["state"] == "running"
+    text = resumed["status_text"]  # the command, once the run was killed
+    assert "effect run rft: attempt 1, killed" in text
+    assert all(f"{stage} " in text for stage in resumed["killed_done"]) and " done " in text and " pending" in text
+
+
+def test_a_killed_run_resumes_from_a_fresh_clone_to_the_same_result(resumed, effect):
+    c, origin = resumed["c"], resumed["origin"]
+    out = resumed["proc"].stdout
+    for stage in resumed["killed_done"]:  # restored, not run again
+        assert f"Stage '{stage}' is cached - skipping run" in out, stage
+        assert f"Running stage '{stage}'" not in out
+    fresh = json.loads((c / "results/rft.json").read_text())
+    uninterrupted = json.loads((origin / "results/rft.json").read_text())
+    assert _without(fresh) == _without(uninterrupted)
+    assert fresh["commit"] == uninterrupted["commit"] and not fresh["commit"].endswith("-dirty")
+    # the cost: every stage's seconds, those of the killed attempt counted once, from it
+    stages = fresh["stages"]
+    # (a stage ending between the last status read and the kill is an earlier attempt's too)
+    assert {s for s, v in stages.items() if v["source"] == "earlier attempt"} >= resumed["killed_done"]
+    assert all(v["seconds"] > 0 for v in stages.values())
+    assert fresh["wall_seconds"] == pytest.approx(sum(v["seconds"] for v in stages.values()), abs=0.2)
+    assert [a["status"] for a in fresh["attempts"]] == ["killed", "finished"]
+    for clone in (resumed["b"], c):
+        assert git_status(clone, resumed["env"]) == ""  # params.yaml and dvc.lock equal git's
+
+
+def test_a_rerun_with_every_stage_cached_and_a_dirty_checkout(resumed):
+    """Back in the killed clone: a tracked file edited is refused; with --allow-dirty the rerun
+    restores every stage from the shared cache, marks the commit dirty and the killed attempt's
+    MLflow run KILLED."""
+    b, env, args = resumed["b"], resumed["env"], resumed["args"]
+    readme = b / "README.md"
+    readme.write_text(readme.read_text() + "\nedited\n")
+    proc = run(b, env, "effect", "rft", *args, check=False)
+    assert proc.returncode == 2 and "README.md" in proc.stderr and "--allow-dirty" in proc.stderr
+    assert not (b / "results/rft.json").exists()
+    proc = run(b, env, "effect", "rft", *args, "--allow-dirty")
+    assert "Running stage" not in proc.stdout  # all restored
+    data = json.loads((b / "results/rft.json").read_text())
+    assert data["commit"].endswith("-dirty")
+    assert _without(data, VOLATILE + ("commit",)) == _without(
+        json.loads((resumed["c"] / "results/rft.json").read_text()), VOLATILE + ("commit",))
+    assert {v["source"] for v in data["stages"].values()} <= {"cache", "earlier attempt"}
+    mlflow.set_tracking_uri(f"sqlite:///{b / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name("closedloop")
+    parents = mlflow.search_runs([exp.experiment_id], output_format="list",
+                                 filter_string="tags.`closedloop.effect_run` = 'rft'", order_by=["attributes.start_time"])
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]

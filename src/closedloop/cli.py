@@ -1,4 +1,5 @@
-"""`closedloop` command line: run one DVC stage, verify responses, validate params."""
+"""`closedloop` command line: run one DVC stage, verify responses, validate params, run and watch
+effect runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from closedloop.errors import UserError
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    import time
+
+    import mlflow
+
+    from closedloop import progress
     from closedloop.config import load_params
     from closedloop.io import is_main_process
     from closedloop.stage_params import ParamsView, declared_params
@@ -27,13 +33,18 @@ def cmd_stage(args: argparse.Namespace) -> None:
         # throwaway store and closedloop.io discards their outputs, so only rank 0 records results.
         import tempfile
 
-        import mlflow
-
         mlflow.set_tracking_uri(Path(tempfile.mkdtemp(prefix="closedloop-rank-")).as_uri())
         fn(view, root, key)
         return
-    with stage_run(root, params, args.name, declared, view.reads):
-        fn(view, root, key)
+    started = progress.stage_started(args.name)
+    ok = False
+    try:
+        with stage_run(root, params, args.name, declared, view.reads):
+            fn(view, root, key)
+            ok = True
+            mlflow.log_metric("stage_seconds", time.time() - started)
+    finally:
+        progress.stage_ended(args.name, started, ok)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -69,9 +80,46 @@ def cmd_effect(args: argparse.Namespace) -> None:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prepare.num_eval=200")
         extra[key] = yaml.safe_load(value)
-    command = shlex.join(["closedloop", "effect", args.run, *[a for s in args.set or [] for a in ("--set", s)]])
-    out = run_effect(Path.cwd(), args.run, extra, command)
-    print(f"wrote {out.relative_to(Path.cwd())}; `closedloop results` updates the README's table")
+    sets = [a for s in args.set or [] for a in ("--set", s)]
+    command = shlex.join(["closedloop", "effect", args.run, *sets])
+    if args.detach:
+        _detach(args, extra, sets)
+        return
+    out = run_effect(Path.cwd(), args.run, extra, command, allow_dirty=args.allow_dirty)
+    print(f"wrote {out.relative_to(Path.cwd())}; `closedloop results` updates the README's table; "
+          f"`dvc exp apply {args.run}` brings its outputs into the workspace")
+
+
+def _detach(args: argparse.Namespace, extra: dict, sets: list[str]) -> None:
+    """Start the same effect run in its own session (it outlives the terminal), output to a log."""
+    import subprocess
+
+    from closedloop.effects import _tool, load_spec, validate
+    from closedloop.run_state import RunState
+
+    root = Path.cwd()
+    spec = load_spec(root, args.run, extra)
+    validate(root, spec)  # bad input: one error here, not in a log nobody reads
+    log = RunState.of(root, spec).dir / "runner.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_tool("closedloop"), "effect", args.run, *sets, *(["--allow-dirty"] if args.allow_dirty else [])]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    print(f"effect run {args.run} started in the background (pid {proc.pid}); output: {log}\n"
+          f"watch it: closedloop status {args.run}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from closedloop.run_state import RunState, format_status
+
+    print(format_status(RunState.latest(Path.cwd(), args.run).status()))
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from closedloop.cache import ensure_cache_dir
+
+    print(f"DVC cache: {ensure_cache_dir(Path.cwd())}")
 
 
 def cmd_results(args: argparse.Namespace) -> None:
@@ -108,7 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the name of a file in experiments/, without .yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="one more params override on top of the run's (repeatable); recorded in its command")
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background, output to a log; `closedloop status RUN` shows where it stands")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run with uncommitted changes to tracked files (the result's commit ends in -dirty)")
     p.set_defaults(func=cmd_effect)
+    p = sub.add_parser("status", help="an effect run's stages: done, cached, running (with progress), pending, "
+                                      "and the time left")
+    p.add_argument("run", help="the effect run's name")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cache", help="set up DVC's cache outside the checkout (closedloop.cache) and print where")
+    p.set_defaults(func=cmd_cache)
     p = sub.add_parser("results", help="regenerate the README's results table from results/*.json")
     p.add_argument("--check", action="store_true", help="exit 2 if the README's table is not what the files give")
     p.set_defaults(func=cmd_results)

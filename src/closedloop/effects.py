@@ -12,12 +12,14 @@ An effect run is a file `experiments/<run>.yaml`:
       # records of other stages: <dir>/<name>/records.jsonl (default dir: data/eval)
       - {model: it1, baseline: base, suite: refiner_judging, metric: judge_accuracy, dir: data/spar/judge}
 
-`closedloop effect <run>` validates the overridden params, runs `dvc exp run -n <run>` (so
-`dvc exp show` lists it) with every stage's MLflow run nested under one parent run named `<run>`,
-then restores the workspace's params.yaml and dvc.lock (the experiment stays in DVC:
-`dvc exp apply <run>`), and writes `results/<run>.json`: each row's paired bootstrap difference
-between the model's and the baseline's records on the same held-out examples. The README's
-results table is generated from those files (`closedloop results`).
+`closedloop effect <run>` validates the overridden params, refuses uncommitted changes to
+tracked files (unless `--allow-dirty`), runs `dvc exp run --temp -n <run>` (so `dvc exp show`
+lists it, and the workspace is never touched: `dvc exp apply <run>` brings its outputs in) with
+every stage's MLflow run nested under one parent run named `<run>`, and writes
+`results/<run>.json`: each row's paired bootstrap difference between the model's and the
+baseline's records on the same held-out examples, and what the run cost, stage by stage
+(closedloop.run_state). Killed, it resumes: rerun the command. The README's results table is
+generated from those files (`closedloop results`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 
 from closedloop.errors import UserError
+from closedloop.run_state import RunState
 
 EXPERIMENTS = Path("experiments")
 RESULTS = Path("results")
@@ -138,55 +140,66 @@ def _tool(name: str) -> str:
     return str(here) if here.exists() else name
 
 
-def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str]) -> float:
-    """`dvc exp run -n <run>` over the targets, then the workspace's params.yaml and dvc.lock as
-    they were (DVC rewrites params.yaml, comments lost, and leaves the experiment applied; it stays
-    in DVC: `dvc exp apply <run>`). Restored only when params.yaml holds exactly the run's overrides
-    over the original: an edit made while the run went on is kept, and said. Returns wall seconds."""
-    from closedloop.config import read_yaml
+def dirty_files(root: Path) -> list[str]:
+    """Tracked files with uncommitted changes (a result must name the code that made it)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                         text=True).stdout
+    return [line[3:] for line in out.splitlines() if line.strip()]
 
-    params, lock = root / "params.yaml", root / "dvc.lock"
-    keep = {p: p.read_bytes() for p in (params, lock) if p.exists()}
-    expected = apply_overrides(read_yaml(params) or {}, spec.params)
+
+def exp_ref(root: Path, name: str) -> str:
+    """The git ref DVC gives experiment `name` of the current commit."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    return f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+
+
+def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str], log: Path) -> str:
+    """`dvc exp run --temp -n <run>` over the targets; returns the experiment's git ref.
+
+    `--temp` runs it in a copy of the commit under .dvc/tmp/exps, so the workspace (params.yaml,
+    dvc.lock, outputs) is never touched, even by a SIGKILL; `dvc exp apply <run>` brings the
+    results in. Finished stages land in DVC's cache and run-cache as they end, so a rerun restores
+    them ("Stage 'x' is cached - skipping run"). DVC's output goes to stdout and to `log`."""
     dvc = _tool("dvc")
+    ref = exp_ref(root, spec.name)
     # A rerun replaces the experiment of the same name (its results file is in git history).
     subprocess.run([dvc, "exp", "remove", spec.name], cwd=root, env=env, capture_output=True)
-    start = time.monotonic()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen([dvc, "exp", "run", "--temp", "-n", spec.name, *set_param_args(spec.params),
+                                 *spec.targets], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+            out.flush()
+        code = proc.wait()
+    if code != 0:
+        raise UserError(f"effect run {spec.name}: `dvc exp run` failed (exit {code}); its output is above and in {log}")
+    return ref
+
+
+def _records(root: Path, ref: str, where: Path, name: str) -> list[dict]:
+    """A model's records.jsonl as the experiment `ref` made them (read from DVC's cache)."""
+    import dvc.api
+
+    path = where / name / "records.jsonl"
     try:
-        proc = subprocess.run([dvc, "exp", "run", "-n", spec.name, *set_param_args(spec.params), *spec.targets],
-                              cwd=root, env=env)
-    finally:
-        if read_yaml(params) in (expected, yaml.safe_load(keep.get(params, b"")) or {}):
-            for path in (params, lock):
-                if path in keep:
-                    path.write_bytes(keep[path])
-                else:
-                    path.unlink(missing_ok=True)
-        else:
-            print(f"warning: {params.name} was edited while the effect run went on; left as it is now "
-                  f"(it may still hold the run's overrides: {', '.join(spec.params)})", file=sys.stderr)
-    if proc.returncode != 0:
-        raise UserError(f"effect run {spec.name}: `dvc exp run` failed (exit {proc.returncode}); its output is above")
-    return time.monotonic() - start
+        text = dvc.api.read(str(path), repo=str(root), rev=ref)
+    except Exception as e:  # dvc.api raises several kinds (missing path, missing cache)
+        raise UserError(f"{path}: not produced by the effect run ({type(e).__name__}); its targets must make it") from None
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _records(root: Path, where: Path, name: str) -> list[dict]:
-    from closedloop.io import read_jsonl
-
-    path = root / where / name / "records.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path.relative_to(root)}: missing; the effect run's targets must produce it")
-    return read_jsonl(path)
-
-
-def row_result(root: Path, row: dict[str, str], n_bootstrap: int, seed: int) -> dict[str, Any]:
+def row_result(root: Path, ref: str, row: dict[str, str], n_bootstrap: int, seed: int) -> dict[str, Any]:
     """One row's paired difference (model - baseline) on the examples both were evaluated on."""
     from closedloop.evaluate.compare import compare_suite
 
     where = Path(row.get("dir", EVAL_DIR))
     by_model = {}
     for name in (row["baseline"], row["model"]):
-        by_model[name] = [r for r in _records(root, where, name) if r.get("suite") == row["suite"]]
+        by_model[name] = [r for r in _records(root, ref, where, name) if r.get("suite") == row["suite"]]
         if not by_model[name]:
             raise UserError(f"{where / name / 'records.jsonl'}: no {row['suite']} records")
     result = compare_suite(by_model, (row["metric"],), row["baseline"], n_bootstrap, seed)
@@ -198,37 +211,56 @@ def row_result(root: Path, row: dict[str, str], n_bootstrap: int, seed: int) -> 
             "ci_high": diff["ci_high"], "se": diff["se"]}
 
 
-def results_file(root: Path, spec: EffectSpec, params: Any, wall_seconds: float, command: str) -> dict[str, Any]:
-    """results/<run>.json's content: the first row's figures at the top level, every row in `rows`."""
-    from closedloop.tracking import git_commit
-
-    rows = [row_result(root, row, params.evaluate.bootstrap, params.seed) for row in spec.rows]
-    common = {"method": spec.method, "seed": params.seed, "commit": git_commit(root),
-              "wall_seconds": round(wall_seconds, 1), "command": command}
+def results_file(root: Path, ref: str, spec: EffectSpec, params: Any, cost: dict[str, Any], command: str,
+                 commit: str) -> dict[str, Any]:
+    """results/<run>.json's content: the first row's figures at the top level, every row in `rows`,
+    the compute the run cost (`wall_seconds`, summed over its stages) and each stage's seconds."""
+    rows = [row_result(root, ref, row, params.evaluate.bootstrap, params.seed) for row in spec.rows]
+    common = {"method": spec.method, "seed": params.seed, "commit": commit,
+              "wall_seconds": cost["wall_seconds"], "command": command}
     first = {k: v for k, v in rows[0].items() if k not in ("model", "suite")}
     return {"run": spec.name, "description": spec.description, **common, **first,
-            "rows": [{**common, **r} for r in rows]}
+            "stages": cost["stages"], "attempts": cost["attempts"], "rows": [{**common, **r} for r in rows]}
 
 
-def run_effect(root: Path, name: str, extra: dict[str, Any] | None = None, command: str | None = None) -> Path:
-    """The whole effect run: validate, experiment, results file, MLflow parent run. Returns the file."""
+def run_effect(root: Path, name: str, extra: dict[str, Any] | None = None, command: str | None = None,
+               allow_dirty: bool = False) -> Path:
+    """The whole effect run: validate, experiment, results file, MLflow parent run. Returns the file.
+    Safe to kill and rerun: the rerun restores every stage that had finished (DVC's run-cache, kept
+    outside the checkout: closedloop.cache) and sums each stage's seconds over the attempts."""
     import mlflow
 
+    from closedloop.cache import ensure_cache_dir
     from closedloop.io import write_json
-    from closedloop.tracking import PARENT_RUN_ENV, TAG_KIND, lineage_tags, setup
+    from closedloop.tracking import PARENT_RUN_ENV, TAG_KIND, git_commit, lineage_tags, setup
 
     spec = load_spec(root, name, extra)
     params = validate(root, spec)
+    dirty = dirty_files(root)
+    if dirty and not allow_dirty:
+        raise UserError(f"{dirty[0]}: uncommitted change ({len(dirty)} tracked file(s) in all); an effect run's "
+                        "result names the commit that made it: commit first, or pass --allow-dirty "
+                        "(the result's commit then ends in -dirty)")
     command = command or shlex.join(["closedloop", "effect", name])
-    setup(root, params.tracking.tracking_uri, params.tracking.experiment)
+    ensure_cache_dir(root)
+    state = RunState.of(root, spec)
+    plan = state.start_attempt(root, spec)
+    setup(root, params.tracking.tracking_uri, params.tracking.experiment)  # also ends a killed attempt's runs
     tags = lineage_tags(root, None, str(params.model.base)) | {TAG_KIND: "effect", TAG_EFFECT: name}
+    commit = git_commit(root)
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params({"effect.method": spec.method, "effect.targets": " ".join(spec.targets),
                            **{f"override.{k}": json.dumps(v) for k, v in spec.params.items()}})
-        env = {**os.environ, PARENT_RUN_ENV: run.info.run_id,
+        env = {**os.environ, PARENT_RUN_ENV: run.info.run_id, **state.stage_env(),
                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        wall = run_experiment(root, spec, env)
-        result = results_file(root, spec, params, wall, command)
+        try:
+            ref = run_experiment(root, spec, env, state.attempt_log)
+        except BaseException:
+            state.end_attempt("failed")
+            raise
+        state.end_attempt("finished")
+        cost = state.cost(root, ref, plan)
+        result = results_file(root, ref, spec, params, cost, command, commit)
         out = root / RESULTS / f"{name}.json"
         write_json(out, result)
         mlflow.log_metrics({"wall_seconds": result["wall_seconds"],

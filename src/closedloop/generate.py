@@ -40,6 +40,7 @@ from typing import Any, Protocol, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from closedloop import progress
 from closedloop.errors import UserError
 
 # A chat (list of {"role", "content"} messages, rendered with the chat template plus the
@@ -338,6 +339,7 @@ class HFBackend:
                     self.stats["padded_prompt_tokens"] += ids.numel() * copies
                     self.stats["sequences"] += len(idx) * copies
                     self.stats["batches"] += 1
+                    progress.report(b + 1, len(batches), "batches generated")
         finally:
             self.stats["seconds"] += time.perf_counter() - start
             model.train(was_training)

@@ -85,9 +85,10 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{pid}:{psutil.Process(pid).create_time():.3f}"
 
 
-def _is_alive(process: str) -> bool:
+def is_alive(process: str) -> bool:
     """Whether the process a TAG_PROCESS value names still runs (a reused pid has another start
-    time). A run opened on another host is assumed alive: there is no way to tell from here."""
+    time; a killed process nobody has reaped yet is a zombie, not running). A run opened on
+    another host is assumed alive: there is no way to tell from here."""
     import socket
 
     import psutil
@@ -97,7 +98,8 @@ def _is_alive(process: str) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return True
     try:
-        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+        proc = psutil.Process(int(pid))
+        return f"{proc.create_time():.3f}" == started and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
@@ -112,7 +114,7 @@ def end_runs_of_dead_processes(exp_id: str) -> list[str]:
     ended = []
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         process = run.data.tags.get(TAG_PROCESS)
-        if process and not _is_alive(process):
+        if process and not is_alive(process):
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
     return ended

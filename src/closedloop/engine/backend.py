@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from closedloop import progress
 from closedloop.engine.kv import SlotCache, Window, is_plain_dynamic
 from closedloop.engine.sampling import sample_next
 from closedloop.errors import UserError
@@ -325,6 +326,7 @@ class _Run:
     def _finish(self, s: _Seq) -> None:
         self.done[(s.prompt, s.sample)] = s
         self.bar.update(1)
+        progress.report(len(self.done), self.bar.total, "sequences generated")
 
     def _uniforms(self, seqs: list[_Seq]) -> torch.Tensor | None:
         p = self.params

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -108,6 +109,37 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: st
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+@functools.cache
+def _live_metrics_class():
+    from transformers import TrainerCallback
+
+    from closedloop import progress
+
+    class LiveMetrics(TrainerCallback):
+        """Each logging step's numbers (loss, learning rate, a trainer's own: DPO's reward margin,
+        GRPO's reward) to the stage's MLflow run as `train/<name>` at that step, and the steps done
+        to the run's progress, while training goes on. Not transformers' MLflowCallback: that one
+        also logs every TrainingArguments field as a param and may open a run of its own."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            import mlflow
+
+            if not state.is_world_process_zero:
+                return
+            progress.report(state.global_step, state.max_steps or None, "steps")
+            numbers = {f"train/{k}": float(v) for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numbers and mlflow.active_run() is not None:
+                mlflow.log_metrics(numbers, step=state.global_step)
+
+    return LiveMetrics
+
+
+def live_metrics() -> Any:
+    """The callback every trainer here runs with (see LiveMetrics)."""
+    return _live_metrics_class()()
 
 
 def loss_history(trainer: Any) -> list[tuple[int, float]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from closedloop.feedback.common import loss_history, trainer_args
+from closedloop.feedback.common import live_metrics, loss_history, trainer_args
 
 
 def distill(student: Any, teacher: Any, tok: Any, conversations: list[list[dict]], out_dir: Path, p: Any, *,
@@ -29,7 +29,8 @@ def distill(student: Any, teacher: Any, tok: Any, conversations: list[list[dict]
     args = GKDConfig(**trainer_args(out_dir, p, seed=seed, dtype=dtype), lmbda=0.0, beta=beta,
                      temperature=temperature)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
-                         train_dataset=Dataset.from_list([{"messages": c} for c in conversations]))
+                         train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
+                         callbacks=[live_metrics()])
     result = trainer.train()
     student.config.use_cache = True
     trainer.model.save_pretrained(out_dir, safe_serialization=True)

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from closedloop.feedback.common import load_for_training, loss_history, lora_config, save_trained, trainer_args
+from closedloop.feedback.common import (live_metrics, load_for_training, loss_history, lora_config, save_trained,
+                                        trainer_args)
 
 
 def _last(log_history: list[dict], key: str) -> float | None:
@@ -40,6 +41,7 @@ def train_dpo(model_dir: Path, pairs: list[dict], out_dir: Path, dpo: Any, *, se
         train_dataset=Dataset.from_list(pairs),
         processing_class=tok,
         peft_config=lora_config(dpo.lora) if dpo.lora.enabled else None,
+        callbacks=[live_metrics()],
     )
     result = trainer.train()
     saved = save_trained(trainer, tok, model_dir, out_dir, dpo, dtype=dtype)

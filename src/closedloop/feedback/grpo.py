@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from closedloop.feedback.common import load_for_training, lora_config, save_trained, trainer_args
+from closedloop.feedback.common import live_metrics, load_for_training, lora_config, save_trained, trainer_args
 
 
 def train_grpo(model_dir: Path, rows: list[dict], reward_fn: Callable[..., list[float]], out_dir: Path, p: Any, *,
@@ -38,7 +38,8 @@ def train_grpo(model_dir: Path, rows: list[dict], reward_fn: Callable[..., list[
                         max_completion_length=p.max_completion_length, temperature=p.temperature, top_p=p.top_p,
                         max_steps=p.max_steps, epsilon=p.clip)
     trainer = trainer_cls(model=model, reward_funcs=reward_fn, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tok, peft_config=lora_config(p.lora) if p.lora.enabled else None)
+                          processing_class=tok, peft_config=lora_config(p.lora) if p.lora.enabled else None,
+                          callbacks=[live_metrics()])
     if hasattr(reward_fn, "bind"):  # a reward that reads the policy itself (e.g. label-scored GRM scores)
         reward_fn.bind(trainer.model)
     result = trainer.train()

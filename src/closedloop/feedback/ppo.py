@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from closedloop import progress
 from closedloop.config import PPOParams
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +415,7 @@ def train_ppo(policy_dir: Path, value_init_dir: Path, prompts: Sequence[Any], re
                   "rollout_tokens": float(batch.mask.sum())}
         metrics = {"step": step, **roll["metrics"], **stats, **timing, "lr": float(scheduler.get_last_lr()[0])}
         history.append(metrics)
+        progress.report(step, p.max_steps, "steps")
         if on_step is not None:
             on_step(step, metrics)
     saved = _save(accelerator.unwrap_model(module).policy, tok, out_dir, p)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from closedloop.feedback.common import loss_history, trainer_args
+from closedloop.feedback.common import live_metrics, loss_history, trainer_args
 
 
 def load_reward_model(model_dir: Path, dtype: str = "float32", num_labels: int = 1):
@@ -57,7 +57,8 @@ def train_reward_model(model_dir: Path, pairs: list[dict], out_dir: Path, p: Any
     args = RewardConfig(**trainer_args(out_dir, p, seed=seed, dtype=dtype),
                         train_sampling_strategy="sequential" if in_order else "random")
     trainer = RewardTrainer(model=model, args=args,
-                            train_dataset=Dataset.from_list(pairs), processing_class=tok, peft_config=peft)
+                            train_dataset=Dataset.from_list(pairs), processing_class=tok, peft_config=peft,
+                            callbacks=[live_metrics()])
     result = trainer.train()
     trained = trainer.model.merge_and_unload() if p.lora.enabled else trainer.model
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from closedloop.feedback.common import load_for_training, loss_history, lora_config, save_trained, trainer_args
+from closedloop.feedback.common import (live_metrics, load_for_training, loss_history, lora_config, save_trained,
+                                        trainer_args)
 
 
 def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *, seed: int,
@@ -45,6 +46,7 @@ def sft_trainer(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, 
         train_dataset=Dataset.from_list(examples),
         processing_class=tok,
         peft_config=lora_config(sft.lora) if sft.lora.enabled else None,
+        callbacks=[live_metrics()],
     )
 
 
