@@ -213,10 +213,11 @@ def resumed(effect, tmp_path_factory):
                     r["state"] == "running" and r.get("progress") for r in st["rows"]):
                 seen_running = st
             # a stage's end is recorded before DVC commits its outputs to the cache; DVC starts the
-            # next stage only after that, so three ended and one started means three committed
-            if states.count("done") >= 3 and "running" in states:
+            # next stage only after that, so three ended and one started means three committed.
+            # (DVC's order varies; the first three may be stages without progress to show.)
+            if states.count("done") >= 3 and "running" in states and seen_running is not None:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         _kill_tree(pid)
     assert states.count("done") >= 3 and "pending" in states, (st, log.read_text()[-3000:])

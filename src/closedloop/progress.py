@@ -48,9 +48,11 @@ def stage_started(stage: str) -> float:
 
 
 def stage_ended(stage: str, started: float, ok: bool) -> float:
-    """Print and record the stage's duration; returns its seconds."""
+    """Record the stage's duration, and print it when the stage succeeded (a failed stage's one
+    line is its error); returns its seconds."""
     seconds = time.time() - started
-    print(f"stage {stage}: {'done' if ok else 'failed'} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    if ok:
+        print(f"stage {stage}: done in {seconds:.1f} s", file=sys.stderr, flush=True)
     _append({"event": "end", "stage": stage, "time": time.time(), "pid": os.getpid(), "seconds": round(seconds, 3),
              "ok": ok, "commit": os.environ.get("DVC_EXP_BASELINE_REV", "")})
     return seconds
