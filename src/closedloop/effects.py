@@ -43,6 +43,9 @@ EXPERIMENTS = Path("experiments")
 RESULTS = Path("results")
 EVAL_DIR = Path("data/eval")
 TAG_EFFECT = "closedloop.effect_run"
+# Bootstrap replicates for a results row: the Monte-Carlo error of an interval's 2.5% quantile is
+# then about 0.1 point, where 1,000 left about half a point.
+EFFECT_BOOTSTRAP = 10_000
 ROW_KEYS = ("model", "baseline", "suite", "metric")  # and optionally `dir`, where the records are
 # The keys every results file holds (the issue's contract, and the table's columns).
 RESULT_KEYS = ("method", "metric", "n", "baseline", "baseline_value", "value", "delta", "ci_low", "ci_high",
@@ -192,8 +195,11 @@ def _records(root: Path, ref: str, where: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def row_result(root: Path, ref: str, row: dict[str, str], n_bootstrap: int, seed: int) -> dict[str, Any]:
-    """One row's paired difference (model - baseline) on the examples both were evaluated on."""
+def row_result(root: Path, ref: str, row: dict[str, str], seed: int) -> dict[str, Any]:
+    """One row's paired difference (model - baseline) on the examples both were evaluated on, with
+    EFFECT_BOOTSTRAP replicates, clustered by seed task where the records name one (`interval`
+    says which); where the records say how answers ended, each model's truncation rate and the
+    difference among the examples neither model's answer was cut on (`untruncated`)."""
     from closedloop.evaluate.compare import compare_suite
 
     where = Path(row.get("dir", EVAL_DIR))
@@ -202,20 +208,55 @@ def row_result(root: Path, ref: str, row: dict[str, str], n_bootstrap: int, seed
         by_model[name] = [r for r in _records(root, ref, where, name) if r.get("suite") == row["suite"]]
         if not by_model[name]:
             raise UserError(f"{where / name / 'records.jsonl'}: no {row['suite']} records")
-    result = compare_suite(by_model, (row["metric"],), row["baseline"], n_bootstrap, seed)
+    metric = row["metric"]
+    result = compare_suite(by_model, (metric,), row["baseline"], EFFECT_BOOTSTRAP, seed)
     model, base = result["models"][row["model"]], result["models"][row["baseline"]]
-    diff = model["diff"][row["metric"]]
-    return {"model": row["model"], "suite": row["suite"], "metric": f"{row['suite']}.{row['metric']}",
-            "n": model["n"], "baseline": row["baseline"], "baseline_value": base["metrics"][row["metric"]]["value"],
-            "value": model["metrics"][row["metric"]]["value"], "delta": diff["value"], "ci_low": diff["ci_low"],
-            "ci_high": diff["ci_high"], "se": diff["se"]}
+    diff = model["diff"][metric]
+    out = {"model": row["model"], "suite": row["suite"], "metric": f"{row['suite']}.{metric}",
+           "n": model["n"], "baseline": row["baseline"], "baseline_value": base["metrics"][metric]["value"],
+           "value": model["metrics"][metric]["value"], "delta": diff["value"], "ci_low": diff["ci_low"],
+           "ci_high": diff["ci_high"], "se": diff["se"], "interval": result["interval"],
+           "truncated": model["truncated"], "baseline_truncated": base["truncated"]}
+    out |= _label_checks(by_model, row["model"], row["baseline"], seed)
+    if model["truncated"] is not None and base["truncated"] is not None:
+        cut = {str(r["key"]) for rows in by_model.values() for r in rows if r["finish_reason"] == "length"}
+        kept = {name: [r for r in rows if str(r["key"]) not in cut] for name, rows in by_model.items()}
+        if kept[row["baseline"]]:
+            sub = compare_suite(kept, (metric,), row["baseline"], EFFECT_BOOTSTRAP, seed)
+            d = sub["models"][row["model"]]["diff"][metric]
+            out["untruncated"] = {"n": sub["models"][row["model"]]["n"], "delta": d["value"], "ci_low": d["ci_low"],
+                                  "ci_high": d["ci_high"]}
+    return out
+
+
+DEGENERATE_SHARE = 0.9  # a model labelling more than this share of claims one way is close to a constant
+
+
+def _label_checks(by_model: dict[str, list[dict]], model: str, baseline: str, seed: int) -> dict[str, Any]:
+    """For records that hold P(true) and the label (fact verification): each model's share of claims
+    labelled true, which of them label nearly everything one way (`degenerate`: their accuracy is
+    the label balance, not knowledge), and the paired difference in AUC, which no constant wins."""
+    from closedloop.evaluate.bootstrap import paired_auc_difference
+
+    if not all("p_true" in r and "label" in r for rows in by_model.values() for r in rows):
+        return {}
+    share = {name: sum(r["p_true"] >= 0.5 for r in rows) / len(rows) for name, rows in by_model.items()}
+    p_model = {str(r["key"]): r["p_true"] for r in by_model[model]}
+    ref = by_model[baseline]
+    auc = paired_auc_difference([r["label"] for r in ref], [p_model[str(r["key"])] for r in ref],
+                                [r["p_true"] for r in ref], EFFECT_BOOTSTRAP, seed)
+    return {"true_share": share[model], "baseline_true_share": share[baseline],
+            "degenerate": [name for name in (baseline, model)
+                           if max(share[name], 1 - share[name]) > DEGENERATE_SHARE],
+            "auc": {"value": auc["auc_a"], "baseline_value": auc["auc_b"], "delta": auc["value"],
+                    "ci_low": auc["ci_low"], "ci_high": auc["ci_high"]}}
 
 
 def results_file(root: Path, ref: str, spec: EffectSpec, params: Any, cost: dict[str, Any], command: str,
                  commit: str) -> dict[str, Any]:
     """results/<run>.json's content: the first row's figures at the top level, every row in `rows`,
     the compute the run cost (`wall_seconds`, summed over its stages) and each stage's seconds."""
-    rows = [row_result(root, ref, row, params.evaluate.bootstrap, params.seed) for row in spec.rows]
+    rows = [row_result(root, ref, row, params.seed) for row in spec.rows]
     common = {"method": spec.method, "seed": params.seed, "commit": commit,
               "wall_seconds": cost["wall_seconds"], "command": command}
     first = {k: v for k, v in rows[0].items() if k not in ("model", "suite")}
@@ -292,10 +333,25 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _resampled(row: dict) -> str:
+    """What the row's interval resamples (files written before clustering: examples, 1,000 times)."""
+    how = row.get("interval")
+    if how is None:
+        return "examples (1k)"
+    unit = "seed tasks" if how["resamples"] == "seed_id" else f"{how['resamples']}s"
+    return f"{how['clusters']} {unit} (10k)"
+
+
+def _cut(row: dict) -> str:
+    if row.get("truncated") is None or row.get("baseline_truncated") is None:
+        return "-"
+    return f"{100 * row['baseline_truncated']:.0f} → {100 * row['truncated']:.0f}"
+
+
 def table(results: list[dict]) -> str:
     """The markdown table: one line per row of every results file."""
-    lines = ["| run | method | metric | n | baseline | value | Δ [95% CI] | se | wall | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | metric | n | baseline | value | Δ [95% CI] | se | CI resamples | cut % | wall | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for data in results:
         for row in data.get("rows") or [data]:
             name = data.get("run", "") + (f" ({row['model']})" if len(data.get("rows") or []) > 1 else "")
@@ -303,8 +359,22 @@ def table(results: list[dict]) -> str:
                 f"| {name} | {row['method']} | {row['metric']} | {row['n']} | {row['baseline']} "
                 f"{100 * row['baseline_value']:.1f} | {100 * row['value']:.1f} | "
                 f"{_pts(row['delta'])} [{_pts(row['ci_low'])}, {_pts(row['ci_high'])}] | {100 * row['se']:.1f} | "
-                f"{row['wall_seconds'] / 60:.0f} min | `{row['command']}` |")
-    return "\n".join(lines)
+                f"{_resampled(row)} | {_cut(row)} | {row['wall_seconds'] / 60:.0f} min | `{row['command']}` |")
+    notes = []
+    for data in results:
+        for row in data.get("rows") or [data]:
+            name = f"{data.get('run', '')} ({row['model']} vs {row['baseline']})"
+            if u := row.get("untruncated"):
+                notes.append(f"- {name}: among the {u['n']} examples on which neither answer was cut at the token "
+                             f"limit, Δ {_pts(u['delta'])} [{_pts(u['ci_low'])}, {_pts(u['ci_high'])}]")
+            if a := row.get("auc"):
+                notes.append(f"- {name}: AUC of P(true) {a['baseline_value']:.3f} → {a['value']:.3f}, "
+                             f"Δ {a['delta']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]; labelled true: "
+                             f"{100 * row['baseline_true_share']:.0f}% → {100 * row['true_share']:.0f}%")
+            for degenerate in row.get("degenerate") or []:
+                notes.append(f"- {name}: **degenerate**: `{degenerate}` labels more than "
+                             f"{100 * DEGENERATE_SHARE:.0f}% of claims one way, so this row compares with a constant")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def render_readme(readme: str, results: list[dict]) -> str:

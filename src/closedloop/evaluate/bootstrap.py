@@ -7,6 +7,12 @@ instructions. The paired version resamples the same example indices for both mod
 shared difficulty of each prompt cancels and the interval of the difference is far tighter than
 two independent intervals suggest. Written here (30 lines of numpy) because scipy's bootstrap
 does not do ratio-of-sums statistics over paired, weighted examples.
+
+Clustered: examples built from one seed task share its difficulty (and often its outcome), so
+they are not independent draws. `cluster_sums` adds each cluster's numerators and denominators
+up; bootstrapping those sums resamples whole clusters, pairing kept (the same clusters for both
+models), which is the cluster bootstrap of a ratio of sums. Its interval is wider whenever
+examples of a cluster agree more than examples of different clusters.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ def _replicates(n: int, n_bootstrap: int, seed: int):
     rng = np.random.default_rng(seed)
     for start in range(0, n_bootstrap, _CHUNK):
         yield rng.integers(0, n, size=(min(_CHUNK, n_bootstrap - start), n))
+
+
+def cluster_sums(clusters: list, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Each array summed within clusters (`clusters[i]` names example i's cluster), in first-seen
+    cluster order: bootstrap these to resample whole clusters."""
+    index: dict = {}
+    ids = np.array([index.setdefault(c, len(index)) for c in clusters])
+    return [np.bincount(ids, weights=np.asarray(a, dtype=float), minlength=len(index)) for a in arrays]
 
 
 def ratio_interval(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int,
@@ -56,3 +70,33 @@ def paired_difference(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, d
                             for i in _replicates(len(na), n_bootstrap, seed)])
     lo, hi = np.quantile(boots, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
     return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "se": float(boots.std(ddof=1)) if len(boots) > 1 else 0.0}
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC per row of 2-D (replicates, examples) arrays, by the Mann-Whitney rank sum (ties
+    count half); NaN for a row with one class only."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    pos = labels.sum(axis=1)
+    neg = labels.shape[1] - pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(labels, ranks, 0.0).sum(axis=1) - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def paired_auc_difference(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, n_bootstrap: int, seed: int,
+                          confidence: float = 0.95) -> dict[str, float]:
+    """{value, ci_low, ci_high, se, auc_a, auc_b} of AUC(a) - AUC(b) on the same labelled examples,
+    resampling examples once for both: a threshold-free comparison (a model that answers one
+    way for everything has AUC 0.5, whatever its accuracy)."""
+    y = np.asarray(labels, dtype=bool)[None, :]
+    a, b = np.asarray(score_a, dtype=float)[None, :], np.asarray(score_b, dtype=float)[None, :]
+    auc_a, auc_b = float(_auc(y, a)[0]), float(_auc(y, b)[0])
+    out = {"value": auc_a - auc_b, "auc_a": auc_a, "auc_b": auc_b}
+    if n_bootstrap == 0:
+        return out | {"ci_low": out["value"], "ci_high": out["value"], "se": 0.0}
+    boots = np.concatenate([_auc(y[0][i], a[0][i]) - _auc(y[0][i], b[0][i])
+                            for i in _replicates(y.shape[1], n_bootstrap, seed)])
+    boots = boots[np.isfinite(boots)]  # a replicate that drew one class only has no AUC
+    lo, hi = np.quantile(boots, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
+    return out | {"ci_low": float(lo), "ci_high": float(hi), "se": float(boots.std(ddof=1))}

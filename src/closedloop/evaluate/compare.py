@@ -2,7 +2,9 @@
 
 For each model: each metric with its bootstrap 95% interval, and the **paired** bootstrap
 difference from the reference over the same examples; plus the per-group (e.g. per instruction
-id) accuracy. Rendered as markdown, JSON, DVC plot rows and a PNG.
+id) accuracy, and the share of answers cut at the token limit (records with `finish_reason`).
+Examples that share a seed task (records with `seed_id`, as the synthetic suite writes them) are
+resampled by seed task: a cluster bootstrap. Rendered as markdown, JSON, DVC plot rows and a PNG.
 """
 
 from __future__ import annotations
@@ -13,23 +15,40 @@ from typing import Any
 import numpy as np
 
 from closedloop.errors import UserError
-from closedloop.evaluate.bootstrap import paired_difference, ratio_interval
+from closedloop.evaluate.bootstrap import cluster_sums, paired_difference, ratio_interval
+
+CLUSTER_KEY = "seed_id"  # the synthetic suite's seed task: prompts built from one task share an outcome
 
 
-def _arrays(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
-    return (np.array([r["scores"][metric][0] for r in records], dtype=float),
-            np.array([r["scores"][metric][1] for r in records], dtype=float))
+def _arrays(records: list[dict], metric: str, clusters: list | None = None) -> list[np.ndarray]:
+    num = np.array([r["scores"][metric][0] for r in records], dtype=float)
+    den = np.array([r["scores"][metric][1] for r in records], dtype=float)
+    return cluster_sums(clusters, num, den) if clusters is not None else [num, den]
+
+
+def truncation_rate(records: list[dict]) -> float | None:
+    """The share of answers cut at the token limit, or None when the records do not say."""
+    if not records or any("finish_reason" not in r for r in records):
+        return None
+    return sum(r["finish_reason"] == "length" for r in records) / len(records)
 
 
 def compare_suite(records: dict[str, list[dict]], metrics: tuple[str, ...], reference: str, n_bootstrap: int,
-                  seed: int) -> dict[str, Any]:
-    """{"reference", "metrics", "models": {name: {"n", "metrics": {m: interval}, "diff": {m: interval}}},
-    "breakdown": {group: {name: accuracy}}} for one suite's records per model."""
+                  seed: int, cluster_key: str | None = CLUSTER_KEY) -> dict[str, Any]:
+    """{"reference", "metrics", "interval", "models": {name: {"n", "truncated", "metrics": {m: interval},
+    "diff": {m: interval}}}, "breakdown": {group: {name: accuracy}}} for one suite's records per model.
+    Intervals resample clusters (`cluster_key`'s values) when every reference record has one,
+    examples otherwise; `interval` says which."""
     if reference not in records:
         raise UserError(f"compare: the reference model {reference!r} has no evaluation records")
     ref_keys = [str(r["key"]) for r in records[reference]]
-    out: dict[str, Any] = {"reference": reference, "metrics": list(metrics), "models": {}, "breakdown": {}}
     ref_by_key = {str(r["key"]): r for r in records[reference]}
+    clusters = ([ref_by_key[k][cluster_key] for k in ref_keys]
+                if cluster_key and ref_keys and all(cluster_key in r for r in records[reference]) else None)
+    interval = ({"resamples": cluster_key, "clusters": len(set(clusters))} if clusters is not None
+                else {"resamples": "example", "clusters": len(ref_keys)})
+    out: dict[str, Any] = {"reference": reference, "metrics": list(metrics), "interval": interval, "models": {},
+                           "breakdown": {}}
     for name, rows in records.items():
         by_key = {str(r["key"]): r for r in rows}
         if set(by_key) != set(ref_keys):
@@ -37,12 +56,12 @@ def compare_suite(records: dict[str, list[dict]], metrics: tuple[str, ...], refe
                             f"({len(by_key)} vs {len(ref_keys)}); rerun its eval stage")
         aligned = [by_key[k] for k in ref_keys]  # row i of every model is the same example
         ref = [ref_by_key[k] for k in ref_keys]
-        entry: dict[str, Any] = {"n": len(aligned), "metrics": {}, "diff": {}}
+        entry: dict[str, Any] = {"n": len(aligned), "truncated": truncation_rate(aligned), "metrics": {}, "diff": {}}
         for m in metrics:
-            num, den = _arrays(aligned, m)
+            num, den = _arrays(aligned, m, clusters)
             entry["metrics"][m] = ratio_interval(num, den, n_bootstrap, seed)
             if name != reference:
-                entry["diff"][m] = paired_difference(num, den, *_arrays(ref, m), n_bootstrap, seed)
+                entry["diff"][m] = paired_difference(num, den, *_arrays(ref, m, clusters), n_bootstrap, seed)
         out["models"][name] = entry
         totals: dict[str, list[float]] = {}
         for r in aligned:
@@ -62,8 +81,13 @@ def _pct(x: float) -> str:
 def markdown(suite: str, result: dict[str, Any], breakdown_label: str) -> str:
     """Two tables: metrics (value [95% CI]) and paired differences from the reference; then per-group accuracy."""
     metrics, ref = result["metrics"], result["reference"]
-    lines = [f"### {suite}: % with 95% bootstrap CI; Δ = paired difference from `{ref}` (points)", "",
-             "| model | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    how = result.get("interval", {})
+    over = (f"resampling {how['clusters']} {how['resamples']} clusters" if how.get("resamples") not in (None, "example")
+            else "resampling examples")
+    truncated = any(e.get("truncated") is not None for e in result["models"].values())
+    lines = [f"### {suite}: % with 95% bootstrap CI ({over}); Δ = paired difference from `{ref}` (points)", "",
+             "| model | n | " + ("cut at the token limit | " if truncated else "") + " | ".join(metrics) + " |",
+             "|---|---|" + ("---|" if truncated else "") + "---|" * len(metrics)]
     for name, e in result["models"].items():
         cells = []
         for m in metrics:
@@ -73,7 +97,8 @@ def markdown(suite: str, result: dict[str, Any], breakdown_label: str) -> str:
                 d = e["diff"][m]
                 cell += f"<br>Δ {100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
             cells.append(cell)
-        lines.append(f"| {name} | {e['n']} | " + " | ".join(cells) + " |")
+        cut = "" if not truncated else ("- | " if e.get("truncated") is None else f"{_pct(e['truncated'])} | ")
+        lines.append(f"| {name} | {e['n']} | {cut}" + " | ".join(cells) + " |")
     if result["breakdown"]:
         names = list(result["models"])
         lines += ["", f"Accuracy (%) per {breakdown_label}:", "",

@@ -166,8 +166,10 @@ class InstructionFollowing:
                             seed=params.seed)
         outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in rows], sp)
         results = [verify_row({**r, "response": o[0].text}) for r, o in zip(rows, outs)]
-        return [{"suite": self.name, **r, "scores": scores(r, i), "breakdown": breakdown(r, i)}
-                for i, r in enumerate(results)]
+        # how each answer ended: "length" = cut at max_new_tokens (the report's truncation rate)
+        return [{"suite": self.name, **r, "finish_reason": o[0].finish_reason, "num_tokens": o[0].num_tokens,
+                 "scores": scores(r, i), "breakdown": breakdown(r, i)}
+                for i, (r, o) in enumerate(zip(results, outs))]
 
     def summary(self, records: list[dict]) -> dict[str, float]:
         return {}

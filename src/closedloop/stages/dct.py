@@ -218,9 +218,14 @@ def coherence_records(graphs: list[dict], probs: list[list[float]]) -> list[dict
     for g, ps in zip(graphs, probs):
         own = [p >= 0.5 for p in ps]
         sat, n = dct.coherence([g], lambda _: own)[0]
+        seed_true = own[0]  # node 0 is the seed; its edges reach every other node
         out.append({"suite": "coherence", "key": g["graph"], "scores": {
             "coherent": [float(sat == n), 1.0], "edge_satisfaction": [float(sat), float(n)],
-            "own_true": [float(sum(own)), float(len(own))]}, "breakdown": {}})
+            "own_true": [float(sum(own)), float(len(own))],
+            # labelling everything false satisfies every edge of these stars: coherence without that
+            # trivial part is coherence among the graphs whose seed the model labels true
+            "coherent_seed_true": [float(sat == n and seed_true), float(seed_true)],
+            "seed_true": [float(seed_true), 1.0]}, "breakdown": {}})
     return out
 
 
@@ -242,7 +247,7 @@ def run_coherence(params: Any, root: Path, key: str | None) -> None:
     by_model = {name: coherence_records(graphs, ps[:len(graphs)]) for name, ps in probs.items()}
     for name, records in by_model.items():
         write_jsonl(root / COHERENCE / name / "records.jsonl", records)
-    metrics_of = ("coherent", "edge_satisfaction", "own_true")
+    metrics_of = ("coherent", "edge_satisfaction", "own_true", "coherent_seed_true", "seed_true")
     b, seed = params.evaluate.bootstrap, params.seed
     result = compare_suite(by_model, metrics_of, "base", b, seed)
     # all-false satisfies every graph: own_true shows whether coherence came from answering "false"

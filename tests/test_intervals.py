@@ -1,0 +1,124 @@
+"""Results that survive a reviewer: intervals that resample seed tasks when prompts share one,
+truncation counted from how each answer ended, and the difference among answers neither model cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from closedloop.evaluate.bootstrap import cluster_sums, paired_difference
+from closedloop.evaluate.compare import compare_suite, markdown
+from closedloop.evaluate.instruction_following import InstructionFollowing
+from closedloop.generate import Completion
+
+
+def _clustered(n_tasks: int = 10, per_task: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A model that helps on some seed tasks and not others: every prompt of a task shares the outcome."""
+    rng = np.random.default_rng(seed)
+    task_gain = rng.random(n_tasks) < 0.5
+    clusters = [t for t in range(n_tasks) for _ in range(per_task)]
+    base = np.array([float(rng.random() < 0.4) for _ in clusters])
+    tuned = np.array([1.0 if task_gain[t] else b for t, b in zip(clusters, base)])
+    return tuned, base, clusters
+
+
+def test_the_cluster_bootstrap_is_wider_when_prompts_of_a_task_share_an_outcome():
+    tuned, base, clusters = _clustered()
+    one = np.ones(len(base))
+    plain = paired_difference(tuned, one, base, one, 4000, 0)
+    nt, dt, nb, db = cluster_sums(clusters, tuned, one, base, one)
+    clustered = paired_difference(nt, dt, nb, db, 4000, 0)
+    assert clustered["value"] == pytest.approx(plain["value"])  # the same point estimate: a ratio of sums
+    assert clustered["ci_high"] - clustered["ci_low"] > 1.5 * (plain["ci_high"] - plain["ci_low"])
+    # pairing kept: a model against itself, clustered, has no spread at all
+    assert paired_difference(nb, db, nb, db, 500, 0) == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0}
+
+
+def test_cluster_sums_add_up_within_clusters_in_first_seen_order():
+    num, den = cluster_sums(["b", "a", "b", "c"], np.array([1, 0, 1, 1.0]), np.array([1, 2, 1, 1.0]))
+    assert num.tolist() == [2.0, 0.0, 1.0] and den.tolist() == [2.0, 2.0, 1.0]
+
+
+def _records(outcomes, clusters=None, cut=None):
+    return [{"suite": "s", "key": i, "scores": {"acc": [float(o), 1.0]}, "breakdown": {},
+             **({"seed_id": clusters[i]} if clusters is not None else {}),
+             **({"finish_reason": "length" if cut[i] else "stop"} if cut is not None else {})}
+            for i, o in enumerate(outcomes)]
+
+
+def test_compare_resamples_seed_tasks_when_the_records_name_them():
+    tuned, base, clusters = _clustered()
+    by_task = compare_suite({"base": _records(base, clusters), "tuned": _records(tuned, clusters)}, ("acc",), "base",
+                            2000, 0)
+    plain = compare_suite({"base": _records(base), "tuned": _records(tuned)}, ("acc",), "base", 2000, 0)
+    assert by_task["interval"] == {"resamples": "seed_id", "clusters": 10}
+    assert plain["interval"] == {"resamples": "example", "clusters": 100}
+    d, p = by_task["models"]["tuned"]["diff"]["acc"], plain["models"]["tuned"]["diff"]["acc"]
+    assert d["ci_high"] - d["ci_low"] > p["ci_high"] - p["ci_low"]
+    assert "resampling 10 seed_id clusters" in markdown("s", by_task, "g")
+
+
+def test_truncation_rate_comes_from_how_answers_ended():
+    records = {"base": _records([1, 0, 0, 1], cut=[0, 1, 1, 0]), "tuned": _records([1, 1, 0, 1], cut=[0, 0, 1, 0])}
+    result = compare_suite(records, ("acc",), "base", 100, 0)
+    assert result["models"]["base"]["truncated"] == 0.5 and result["models"]["tuned"]["truncated"] == 0.25
+    assert "| base | 4 | 50.0 |" in markdown("s", result, "g")
+    assert compare_suite({"base": _records([1])}, ("acc",), "base", 10, 0)["models"]["base"]["truncated"] is None
+
+
+class _Ends:
+    """A backend whose answers end as told: what the suite records must be what it returned."""
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def generate(self, prompts, params):
+        return [[c] for c in self.completions]
+
+
+def test_a_record_says_how_its_answer_ended():
+    from types import SimpleNamespace
+
+    params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(temperature=0.0, max_new_tokens=8))
+    rows = [{"key": k, "prompt": "Write one word.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+            for k in ("a", "b")]
+    ends = [Completion("hello", 2, "stop"), Completion("hello there and the", 8, "length")]
+    records = InstructionFollowing().run(params, rows, _Ends(ends))
+    assert [(r["finish_reason"], r["num_tokens"]) for r in records] == [("stop", 2), ("length", 8)]
+
+
+def _claims(p_true: list[float], labels: list[bool]) -> list[dict]:
+    return [{"suite": "fact_verification", "key": i, "p_true": p, "label": y,
+             "scores": {"fact_accuracy": [float((p >= 0.5) == y), 1.0]}, "breakdown": {}}
+            for i, (p, y) in enumerate(zip(p_true, labels))]
+
+
+def test_an_all_false_model_is_flagged_and_has_auc_one_half():
+    from closedloop.effects import _label_checks, table
+
+    rng = np.random.default_rng(0)
+    labels = [bool(x) for x in rng.random(60) < 0.5]
+    base = _claims([0.7 if y else 0.3 for y in labels], labels)  # separates the labels
+    constant = _claims([0.2] * 60, labels)  # answers "false" to everything
+    checks = _label_checks({"base": base, "seeds": constant}, "seeds", "base", 0)
+    assert checks["true_share"] == 0.0 and checks["baseline_true_share"] == pytest.approx(sum(labels) / 60)
+    assert checks["degenerate"] == ["seeds"]
+    assert checks["auc"]["value"] == 0.5 and checks["auc"]["baseline_value"] == 1.0
+    assert checks["auc"]["ci_high"] < 0  # the constant's AUC is worse, whatever its accuracy
+    row = {"method": "dct", "metric": "m", "n": 60, "baseline": "base", "baseline_value": 0.5, "value": 0.5,
+           "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0, "wall_seconds": 60, "command": "c",
+           "model": "seeds", **checks}
+    assert "**degenerate**: `seeds`" in table([{"run": "dct", "rows": [row]}])
+
+
+def test_coherence_without_its_trivial_part_is_not_100_for_an_all_false_model():
+    from closedloop.stages.dct import coherence_records
+
+    graphs = [{"graph": g, "nodes": [{"text": "seed"}, {"text": "a"}, {"text": "b"}],
+               "edges": [[0, 1, "implies"], [0, 2, "contradicts"]]} for g in range(4)]
+    all_false = coherence_records(graphs, [[0.1, 0.2, 0.3]] * 4)
+    assert all(r["scores"]["coherent"] == [1.0, 1.0] for r in all_false)  # every edge holds...
+    assert all(r["scores"]["coherent_seed_true"] == [0.0, 0.0] for r in all_false)  # ...but no seed is believed
+    result = compare_suite({"base": all_false}, ("coherent", "coherent_seed_true", "seed_true"), "base", 10, 0)
+    values = {m: v["value"] for m, v in result["models"]["base"]["metrics"].items()}
+    assert values == {"coherent": 1.0, "coherent_seed_true": 0.0, "seed_true": 0.0}
