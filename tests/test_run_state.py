@@ -72,6 +72,11 @@ def test_cost_counts_each_stage_once_from_where_it_ran(tmp_path):
             {"event": "end", "stage": "b", "ok": True, "seconds": 3.0, "attempt": "2", "commit": head},
             {"event": "end", "stage": "d", "ok": True, "seconds": 99.0, "attempt": "1", "commit": "other"})
     state.attempt = 2
+    with open(state.dir / "attempts.jsonl", "w") as f:
+        f.write(json.dumps({"attempt": 2, "event": "start", "time": 0, "commit": head}) + "\n")
+    (root / "later").write_text("a commit made while the run went on")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "later")
     cost = state.cost(root, "HEAD", ["a", "b", "c", "d"])
     assert cost["stages"] == {"a": {"seconds": 2.0, "source": "earlier attempt"},
                               "b": {"seconds": 3.0, "source": "ran"},

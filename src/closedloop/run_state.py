@@ -128,6 +128,10 @@ class RunState:
     def attempts(self) -> list[dict]:
         return read_events(self.dir / "attempts.jsonl")
 
+    def _attempt_event(self, kind: str) -> dict | None:
+        """The current attempt's "start" or "end" record."""
+        return next((a for a in self.attempts() if a["attempt"] == self.attempt and a["event"] == kind), None)
+
     def plan(self) -> list[str]:
         path = self.dir / "plan.json"
         return json.loads(path.read_text()) if path.is_file() else []
@@ -186,7 +190,7 @@ class RunState:
         from filelock import FileLock
 
         lock = _lock_entries(root, ref)
-        commit = _head(root)
+        commit = self._attempt_event("start")["commit"]  # HEAD may have moved while the run went on
         ended = {}  # stage -> its newest successful end event of this commit (this run's key)
         for e in self.events():
             if e.get("event") == "end" and e.get("ok") and e.get("commit") in (commit, ""):
@@ -230,8 +234,7 @@ class RunState:
         duration as the estimate), with the estimated time left."""
         import re
 
-        start = next((a for a in self.attempts() if a["attempt"] == self.attempt and a["event"] == "start"), None)
-        end = next((a for a in self.attempts() if a["attempt"] == self.attempt and a["event"] == "end"), None)
+        start, end = self._attempt_event("start"), self._attempt_event("end")
         alive = start is not None and end is None and is_alive(start["process"])
         log = self.attempt_log.read_text(encoding="utf-8", errors="replace") if self.attempt_log.is_file() else ""
         restored = set(re.findall(r"Stage '([^']+)' (?:is cached|didn't change)", log))
