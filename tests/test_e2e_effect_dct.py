@@ -29,8 +29,12 @@ def test_dct_effect_compares_with_the_seeds_only_ablation(dct_effect):
     assert [(r["model"], r["baseline"], r["metric"]) for r in data["rows"]] == [
         ("dct", "base", "fact_verification.fact_accuracy"), ("dct-seeds", "base", "fact_verification.fact_accuracy"),
         ("dct", "dct-seeds", "fact_verification.fact_accuracy"), ("dct", "base", "coherence.coherent"),
-        ("dct", "dct-seeds", "coherence.coherent")]
+        ("dct", "dct-seeds", "coherence.coherent"), ("dct", "base", "coherence.coherent_seed_true")]
     assert [r["n"] for r in data["rows"][:3]] == [8, 8, 8]  # the held-out claims, as --set asked
+    for row in data["rows"][:3]:  # fact rows: the share labelled true, the flag, the threshold-free AUC
+        assert 0 <= row["true_share"] <= 1 and isinstance(row["degenerate"], list)
+        assert row["auc"]["ci_low"] <= row["auc"]["delta"] <= row["auc"]["ci_high"]
+    assert all("auc" not in row for row in data["rows"][3:])  # coherence records hold no P(true)
     # only the families the effect file names, and the ablation's eval is the experiment's own row
     claims = _jsonl(dct_effect / "data/facts/eval.jsonl")
     assert {c["kind"] for c in claims} <= {"set_membership", "comparison"}
