@@ -286,8 +286,12 @@ def format_status(st: dict[str, Any]) -> str:
             extra = f"~{secs(r['estimate'])} last time"
         lines.append(f"{r['stage']:<28} {r['state']:<8} {secs(r['seconds']):>9}  {extra}".rstrip())
     if st["state"] == "running":
-        unknown = f" (+ {len(st['unestimated'])} stage(s) never timed)" if st["unestimated"] else ""
-        lines.append(f"time left: ~{secs(st['left_seconds']) or '0 s'}{unknown}")
+        pending = [r for r in st["rows"] if r["state"] == "pending"]
+        if pending and len(st["unestimated"]) == len(pending):
+            lines.append(f"time left: unknown ({len(pending)} pending stage(s), none timed on this machine yet)")
+        else:
+            unknown = f" (+ {len(st['unestimated'])} stage(s) never timed)" if st["unestimated"] else ""
+            lines.append(f"time left: ~{secs(st['left_seconds']) or '0 s'}{unknown}")
     return "\n".join(lines)
 
 
