@@ -269,8 +269,9 @@ def test_a_rerun_with_every_stage_cached_and_a_dirty_checkout(resumed):
     b, env, args = resumed["b"], resumed["env"], resumed["args"]
     readme = b / "README.md"
     readme.write_text(readme.read_text() + "\nedited\n")
-    proc = run(b, env, "effect", "rft", *args, check=False)
-    assert proc.returncode == 2 and "README.md" in proc.stderr and "--allow-dirty" in proc.stderr
+    for detach in ([], ["--detach"]):  # refused before anything starts, in the background too
+        proc = run(b, env, "effect", "rft", *args, *detach, check=False)
+        assert proc.returncode == 2 and "README.md" in proc.stderr and "--allow-dirty" in proc.stderr
     assert not (b / "results/rft.json").exists()
     proc = run(b, env, "effect", "rft", *args, "--allow-dirty")
     assert "Running stage" not in proc.stdout  # all restored

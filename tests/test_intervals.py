@@ -122,3 +122,23 @@ def test_coherence_without_its_trivial_part_is_not_100_for_an_all_false_model():
     result = compare_suite({"base": all_false}, ("coherent", "coherent_seed_true", "seed_true"), "base", 10, 0)
     values = {m: v["value"] for m, v in result["models"]["base"]["metrics"].items()}
     assert values == {"coherent": 1.0, "coherent_seed_true": 0.0, "seed_true": 0.0}
+
+
+def test_eval_records_keep_the_seed_task_the_intervals_resample(tmp_path):
+    import json
+
+    from closedloop.suite import load_eval_rows
+
+    path = tmp_path / "eval.jsonl"
+    rows = [{"key": f"eval-{i}", "prompt": "Write a line.", "instruction_id_list": ["punctuation:no_comma"],
+             "kwargs": [{}], "seed_id": f"task-{i % 2}"} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_eval_rows(path, None, 0)
+    assert [r["seed_id"] for r in loaded] == ["task-0", "task-1", "task-0"]
+    from types import SimpleNamespace
+
+    params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(temperature=0.0, max_new_tokens=8))
+    records = InstructionFollowing().run(params, loaded, _Ends([Completion("a line", 2, "stop")] * 3))
+    assert [r["seed_id"] for r in records] == ["task-0", "task-1", "task-0"]
+    assert compare_suite({"base": records}, ("prompt_level_strict",), "base", 10, 0)["interval"] == {
+        "resamples": "seed_id", "clusters": 2}

@@ -148,3 +148,19 @@ def test_the_cache_goes_outside_the_checkout_unless_chosen(tmp_path, monkeypatch
     (inside / ".dvc" / "config").write_text("[cache]\n    dir = ../mine\n")
     monkeypatch.setenv("CLOSEDLOOP_DVC_CACHE", str(tmp_path / "elsewhere"))
     assert ensure_cache_dir(inside) == (inside / "mine").resolve()
+
+
+def test_a_loops_count_is_kept_while_its_inner_calls_report(tmp_path, monkeypatch):
+    from closedloop import progress
+
+    monkeypatch.setattr(progress, "_outer", None)
+    monkeypatch.setenv(progress.PROGRESS_ENV, str(tmp_path / "progress.json"))
+    monkeypatch.setenv(progress.STAGE_ENV, "rft_sample")
+    read = lambda: json.loads((tmp_path / "progress.json").read_text())  # noqa: E731
+    progress.report(5, 60, "sequences generated", detail=True)  # no loop around it: the stage's count
+    assert (read()["done"], read()["total"], read().get("detail")) == (5, 60, None)
+    progress.report(3, 24, "search batches")
+    progress.report(11, 60, "sequences generated", detail=True)
+    state = read()
+    assert (state["stage"], state["done"], state["total"], state["detail"]["done"]) == ("rft_sample", 3, 24, 11)
+    assert progress.describe(state) == "3/24 search batches (11/60 sequences generated)"

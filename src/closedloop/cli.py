@@ -94,15 +94,16 @@ def _detach(args: argparse.Namespace, extra: dict, sets: list[str]) -> None:
     """Start the same effect run in its own session (it outlives the terminal), output to a log."""
     import subprocess
 
-    from closedloop.effects import _tool, load_spec, validate
+    from closedloop.effects import check_committed, console_script, load_spec, validate
     from closedloop.run_state import RunState
 
     root = Path.cwd()
     spec = load_spec(root, args.run, extra)
     validate(root, spec)  # bad input: one error here, not in a log nobody reads
+    check_committed(root, args.allow_dirty)
     log = RunState.of(root, spec).dir / "runner.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [_tool("closedloop"), "effect", args.run, *sets, *(["--allow-dirty"] if args.allow_dirty else [])]
+    cmd = [console_script("closedloop"), "effect", args.run, *sets, *(["--allow-dirty"] if args.allow_dirty else [])]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

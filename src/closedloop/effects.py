@@ -137,17 +137,22 @@ def validate(root: Path, spec: EffectSpec) -> Any:
             raise UserError(f"{EXPERIMENTS / (spec.name + '.yaml')} applied to {e}") from None
 
 
-def _tool(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of this interpreter's environment (dvc, closedloop), else from PATH."""
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else name
 
 
-def dirty_files(root: Path) -> list[str]:
-    """Tracked files with uncommitted changes (a result must name the code that made it)."""
+def check_committed(root: Path, allow_dirty: bool) -> None:
+    """Refuse uncommitted changes to tracked files (a result must name the code that made it),
+    unless allowed: the result's commit then ends in -dirty."""
     out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                          text=True).stdout
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    dirty = [line[3:] for line in out.splitlines() if line.strip()]
+    if dirty and not allow_dirty:
+        raise UserError(f"{dirty[0]}: uncommitted change ({len(dirty)} tracked file(s) in all); an effect run's "
+                        "result names the commit that made it: commit first, or pass --allow-dirty "
+                        "(the result's commit then ends in -dirty)")
 
 
 def exp_ref(root: Path, name: str) -> str:
@@ -164,7 +169,7 @@ def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str], log: Path)
     dvc.lock, outputs) is never touched, even by a SIGKILL; `dvc exp apply <run>` brings the
     results in. Finished stages land in DVC's cache and run-cache as they end, so a rerun restores
     them ("Stage 'x' is cached - skipping run"). DVC's output goes to stdout and to `log`."""
-    dvc = _tool("dvc")
+    dvc = console_script("dvc")
     ref = exp_ref(root, spec.name)
     # A rerun replaces the experiment of the same name (its results file is in git history).
     subprocess.run([dvc, "exp", "remove", spec.name], cwd=root, env=env, capture_output=True)
@@ -277,11 +282,7 @@ def run_effect(root: Path, name: str, extra: dict[str, Any] | None = None, comma
 
     spec = load_spec(root, name, extra)
     params = validate(root, spec)
-    dirty = dirty_files(root)
-    if dirty and not allow_dirty:
-        raise UserError(f"{dirty[0]}: uncommitted change ({len(dirty)} tracked file(s) in all); an effect run's "
-                        "result names the commit that made it: commit first, or pass --allow-dirty "
-                        "(the result's commit then ends in -dirty)")
+    check_committed(root, allow_dirty)
     command = command or shlex.join(["closedloop", "effect", name])
     ensure_cache_dir(root)
     state = RunState.of(root, spec)

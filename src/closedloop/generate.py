@@ -339,7 +339,7 @@ class HFBackend:
                     self.stats["padded_prompt_tokens"] += ids.numel() * copies
                     self.stats["sequences"] += len(idx) * copies
                     self.stats["batches"] += 1
-                    progress.report(b + 1, len(batches), "batches generated")
+                    progress.report(b + 1, len(batches), "batches generated", detail=True)
         finally:
             self.stats["seconds"] += time.perf_counter() - start
             model.train(was_training)

@@ -8,7 +8,9 @@ passes through to the run's log). Under `closedloop effect` two files carry the 
 - $CLOSEDLOOP_STAGE_LOG, JSONL: {"event": "start"|"end", "stage", "time", "pid", "commit",
   "attempt", and at the end "seconds", "ok"}; appended, one short line per event (atomic under O_APPEND);
 - $CLOSEDLOOP_PROGRESS, JSON: the running stage's latest {"stage", "done", "total", "unit",
-  "time"}, replaced atomically.
+  "time"}, replaced atomically. A stage that loops over calls of something that reports too (a
+  search over batches, each a generation) reports its loop; the inner call's figures then go to
+  "detail" ({"done", "total", "unit"}), so the stage's own count is not overwritten.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ATTEMPT_ENV = "CLOSEDLOOP_ATTEMPT"  # the effect run's attempt number
 PRINT_EVERY_SECONDS = 10.0
 
 _last_print = 0.0
+_outer: dict | None = None  # this process's stage-level count, once a loop has reported one
 
 
 def _append(event: dict) -> None:
@@ -58,23 +61,40 @@ def stage_ended(stage: str, started: float, ok: bool) -> float:
     return seconds
 
 
-def report(done: int, total: int | None, unit: str) -> None:
+def report(done: int, total: int | None, unit: str, *, detail: bool = False) -> None:
     """The running stage has done `done` of `total` `unit`s (batches, steps). Cheap enough to call
-    every batch: the file is rewritten each call, a line printed at most every 10 s and at the end."""
-    global _last_print
+    every batch: the file is rewritten each call, a line printed at most every 10 s and at the end.
+    `detail`: an inner count (a generation call's sequences), the stage-level one when no loop
+    around it has reported."""
+    global _last_print, _outer
     stage = os.environ.get(STAGE_ENV, "")
     now = time.time()
+    count = {"done": done, "total": total, "unit": unit}
+    if not detail:
+        _outer = count
+        state = {**count}
+    elif _outer is not None:
+        state = {**_outer, "detail": count}
+    else:
+        state = {**count}
     path = os.environ.get(PROGRESS_ENV)
     if path:
         tmp = f"{path}.{os.getpid()}.tmp"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"stage": stage, "done": done, "total": total, "unit": unit, "time": now}, f)
+            json.dump({"stage": stage, **state, "time": now}, f)
         os.replace(tmp, path)
-    if now - _last_print >= PRINT_EVERY_SECONDS or (total is not None and done >= total):
+    if now - _last_print >= PRINT_EVERY_SECONDS or (total is not None and done >= total and not detail):
         _last_print = now
-        of = f"/{total}" if total is not None else ""
-        print(f"[{stage or 'progress'}] {unit}: {done}{of}", file=sys.stderr, flush=True)
+        print(f"[{stage or 'progress'}] {describe(state)}", file=sys.stderr, flush=True)
+
+
+def describe(state: dict) -> str:
+    """"3/24 search batches (11/60 sequences generated)": a progress state in words."""
+    def one(c: dict) -> str:
+        return f"{c['done']}/{c['total'] if c['total'] is not None else '?'} {c['unit']}"
+
+    return one(state) + (f" ({one(state['detail'])})" if state.get("detail") else "")
 
 
 def read_events(path: Path) -> list[dict]:

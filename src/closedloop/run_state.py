@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from closedloop.errors import UserError
-from closedloop.progress import ATTEMPT_ENV, PROGRESS_ENV, STAGE_LOG_ENV, read_events
+from closedloop.progress import ATTEMPT_ENV, PROGRESS_ENV, STAGE_LOG_ENV, describe, read_events
 from closedloop.tracking import is_alive, this_process
 
 
@@ -280,8 +280,7 @@ def format_status(st: dict[str, Any]) -> str:
     for r in st["rows"]:
         extra = ""
         if r.get("progress"):
-            p = r["progress"]
-            extra = f"{p['done']}/{p['total'] if p['total'] is not None else '?'} {p['unit']}"
+            extra = describe(r["progress"])
         elif r["state"] in ("pending", "running") and r["estimate"] is not None:
             extra = f"~{secs(r['estimate'])} last time"
         lines.append(f"{r['stage']:<28} {r['state']:<8} {secs(r['seconds']):>9}  {extra}".rstrip())

@@ -314,8 +314,9 @@ def _check_eval_row(row: dict, where: str) -> dict:
             ifeval_rules.build_checker(i, kw, row["prompt"])
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
+    # seed_id (the synthetic suite's seed task) travels on: the report's intervals resample by it
     return {"key": row["key"], "prompt": row["prompt"], "instruction_id_list": ids,
-            "kwargs": kwargs}
+            "kwargs": kwargs, **({"seed_id": row["seed_id"]} if "seed_id" in row else {})}
 
 
 def load_eval_rows(path: str | Path, limit: int | None, seed: int) -> list[dict]:

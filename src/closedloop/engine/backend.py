@@ -326,7 +326,7 @@ class _Run:
     def _finish(self, s: _Seq) -> None:
         self.done[(s.prompt, s.sample)] = s
         self.bar.update(1)
-        progress.report(len(self.done), self.bar.total, "sequences generated")
+        progress.report(len(self.done), self.bar.total, "sequences generated", detail=True)
 
     def _uniforms(self, seqs: list[_Seq]) -> torch.Tensor | None:
         p = self.params

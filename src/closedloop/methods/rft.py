@@ -50,10 +50,13 @@ def sample_rows(backend: Any, rows: Sequence[dict], num_samples: int, sampling: 
     a run killed half-way and rerun gives the same rows as one that never died."""
     from tqdm import tqdm
 
+    from closedloop import progress
     from closedloop.generate import SamplingParams
 
     per_batch = max(1, batch_size // num_samples)
-    for b, start in enumerate(tqdm(range(0, len(rows), per_batch), desc="rft search", unit="batch")):
+    starts = range(0, len(rows), per_batch)
+    for b, start in enumerate(tqdm(starts, desc="rft search", unit="batch")):
+        progress.report(b, len(starts), "search batches")
         chunk = rows[start: start + per_batch]
         params = SamplingParams(n=num_samples, seed=seed * 1_000_003 + b, **sampling)
         outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in chunk], params)
