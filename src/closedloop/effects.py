@@ -24,6 +24,7 @@ generated from those files (`closedloop results`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -146,9 +147,9 @@ def console_script(name: str) -> str:
 def check_committed(root: Path, allow_dirty: bool) -> None:
     """Refuse uncommitted changes to tracked files (a result must name the code that made it),
     unless allowed: the result's commit then ends in -dirty."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                         text=True).stdout
-    dirty = [line[3:] for line in out.splitlines() if line.strip()]
+    from closedloop.tracking import dirty_files
+
+    dirty = dirty_files(root)
     if dirty and not allow_dirty:
         raise UserError(f"{dirty[0]}: uncommitted change ({len(dirty)} tracked file(s) in all); an effect run's "
                         "result names the commit that made it: commit first, or pass --allow-dirty "
@@ -157,8 +158,9 @@ def check_committed(root: Path, allow_dirty: bool) -> None:
 
 def exp_ref(root: Path, name: str) -> str:
     """The git ref DVC gives experiment `name` of the current commit."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    from closedloop.tracking import git_head
+
+    head = git_head(root)
     return f"refs/exps/{head[:2]}/{head[2:]}/{name}"
 
 
@@ -188,8 +190,10 @@ def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str], log: Path)
     return ref
 
 
-def _records(root: Path, ref: str, where: Path, name: str) -> list[dict]:
-    """A model's records.jsonl as the experiment `ref` made them (read from DVC's cache)."""
+@functools.cache
+def _records(root: Path, ref: str, where: Path, name: str) -> tuple[dict, ...]:
+    """A model's records.jsonl as the experiment `ref` made them (read from DVC's cache once: most
+    rows share their baseline's records)."""
     import dvc.api
 
     path = where / name / "records.jsonl"
@@ -197,7 +201,7 @@ def _records(root: Path, ref: str, where: Path, name: str) -> list[dict]:
         text = dvc.api.read(str(path), repo=str(root), rev=ref)
     except Exception as e:  # dvc.api raises several kinds (missing path, missing cache)
         raise UserError(f"{path}: not produced by the effect run ({type(e).__name__}); its targets must make it") from None
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return tuple(json.loads(line) for line in text.splitlines() if line.strip())
 
 
 def row_result(root: Path, ref: str, row: dict[str, str], seed: int) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from closedloop.io import write_json
+
 STAGE_LOG_ENV = "CLOSEDLOOP_STAGE_LOG"
 PROGRESS_ENV = "CLOSEDLOOP_PROGRESS"
 STAGE_ENV = "CLOSEDLOOP_STAGE"  # the stage this process runs, for progress lines
@@ -79,11 +81,7 @@ def report(done: int, total: int | None, unit: str, *, detail: bool = False) -> 
         state = {**count}
     path = os.environ.get(PROGRESS_ENV)
     if path:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"stage": stage, **state, "time": now}, f)
-        os.replace(tmp, path)
+        write_json(path, {"stage": stage, **state, "time": now})
     if now - _last_print >= PRINT_EVERY_SECONDS or (total is not None and done >= total and not detail):
         _last_print = now
         print(f"[{stage or 'progress'}] {describe(state)}", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -33,13 +32,8 @@ import yaml
 
 from closedloop.errors import UserError
 from closedloop.progress import ATTEMPT_ENV, PROGRESS_ENV, STAGE_LOG_ENV, describe, read_events
-from closedloop.tracking import is_alive, this_process
-
-
-def _dump(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+from closedloop.io import write_json, write_text
+from closedloop.tracking import git_head, is_alive, this_process
 
 
 def plan_stages(root: Path, params: dict, targets: list[str]) -> list[str]:
@@ -163,15 +157,12 @@ class RunState:
 
         plan = plan_stages(root, apply_overrides(read_yaml(root / "params.yaml") or {}, spec.params), spec.targets)
         self.dir.mkdir(parents=True, exist_ok=True)
-        _dump(self.dir / "plan.json", plan)
+        write_json(self.dir / "plan.json", plan)
         self.attempt = max((a["attempt"] for a in self.attempts()), default=0) + 1
-        self._append_attempt({"event": "start", "process": this_process(), "commit": _head(root),
+        self._append_attempt({"event": "start", "process": this_process(), "commit": git_head(root),
                               "log": str(self.attempt_log)})
         (self.dir / "progress.json").unlink(missing_ok=True)
-        pointer = self.dir.parent / f"{self.name}.current"
-        tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.dir.name + "\n")
-        os.replace(tmp, pointer)
+        write_text(self.dir.parent / f"{self.name}.current", self.dir.name + "\n")
         return plan
 
     def end_attempt(self, status: str) -> None:
@@ -212,7 +203,7 @@ class RunState:
                     source, seconds = "unknown", None
                 stages[stage] = {"seconds": seconds, "source": source}
             self.ledger.parent.mkdir(parents=True, exist_ok=True)
-            _dump(self.ledger, ledger)
+            write_json(self.ledger, ledger)
         return {"wall_seconds": round(sum(s["seconds"] or 0.0 for s in stages.values()), 1), "stages": stages,
                 "attempts": self.attempt_times()}
 
@@ -293,6 +284,3 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"time left: ~{secs(st['left_seconds']) or '0 s'}{unknown}")
     return "\n".join(lines)
 
-
-def _head(root: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()

@@ -126,13 +126,23 @@ def experiment_url(ui: str, experiment_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def git_head(root: Path) -> str:
+    """The checked-out commit's sha; raises CalledProcessError outside a git repository."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def dirty_files(root: Path) -> list[str]:
+    """Tracked files with uncommitted changes."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                         text=True).stdout
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def git_commit(root: Path) -> str:
+    """The commit's sha, with -dirty when tracked files have uncommitted changes."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return git_head(root) + ("-dirty" if dirty_files(root) else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
 
