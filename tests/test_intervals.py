@@ -142,3 +142,13 @@ def test_eval_records_keep_the_seed_task_the_intervals_resample(tmp_path):
     assert [r["seed_id"] for r in records] == ["task-0", "task-1", "task-0"]
     assert compare_suite({"base": records}, ("prompt_level_strict",), "base", 10, 0)["interval"] == {
         "resamples": "seed_id", "clusters": 2}
+
+
+def test_a_result_from_an_uncommitted_tree_is_marked_in_the_table():
+    from closedloop.effects import table
+
+    row = {"method": "dct", "model": "dct", "metric": "m", "n": 1, "baseline": "base", "baseline_value": 0.5, "value": 0.5,
+           "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "se": 0.0, "wall_seconds": 60, "command": "closedloop effect dct"}
+    dirty = table([{"run": "dct", "commit": "abc-dirty", **row}])
+    assert "**produced from an uncommitted tree** (commit abc-dirty)" in dirty
+    assert "uncommitted" not in table([{"run": "dct", "commit": "abc", **row}])

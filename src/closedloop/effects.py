@@ -365,7 +365,8 @@ def table(results: list[dict]) -> str:
                 f"{100 * row['baseline_value']:.1f} | {100 * row['value']:.1f} | "
                 f"{_pts(row['delta'])} [{_pts(row['ci_low'])}, {_pts(row['ci_high'])}] | {100 * row['se']:.1f} | "
                 f"{_resampled(row)} | {_cut(row)} | {row['wall_seconds'] / 60:.0f} min | `{row['command']}` |")
-    notes = []
+    notes = [f"- {data.get('run', '')}: **produced from an uncommitted tree** (commit {data['commit']}): "
+             f"rerun `{data['command']}` from a commit" for data in results if str(data.get("commit", "")).endswith("-dirty")]
     for data in results:
         for row in data.get("rows") or [data]:
             name = f"{data.get('run', '')} ({row['model']} vs {row['baseline']})"
