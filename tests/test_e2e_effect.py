@@ -181,8 +181,8 @@ def _without(data: dict, keys=VOLATILE) -> dict:
 @pytest.fixture(scope="module")
 def resumed(effect, tmp_path_factory):
     """Clone B of the effect fixture's commit, its DVC cache outside it: `closedloop effect rft
-    --detach`, watched with `closedloop status` and SIGKILLed once its fourth stage has started; then
-    a fresh clone C on the same cache reruns it to the end."""
+    --detach` (B's code edited meanwhile), watched with `closedloop status` and SIGKILLed once its
+    fourth stage has started; then a fresh clone C on the same cache reruns it to the end."""
     import re
     import time
 
@@ -195,7 +195,11 @@ def resumed(effect, tmp_path_factory):
     env = env | {"CLOSEDLOOP_DVC_CACHE": str(tmp / "shared" / "dvc")}
     b, c = tmp / "b", tmp / "c"
     subprocess.run(["git", "clone", "-q", str(origin), str(b)], check=True)
-    detached = run(b, env, "effect", "rft", *args, "--detach").stdout
+    # closedloop imported from clone B's src (as an editable install of it would be), whose code is
+    # then edited while the run goes on: the run must keep running the code of its commit
+    detached = run(b, env | {"PYTHONPATH": str(b / "src")}, "effect", "rft", *args, "--detach").stdout
+    edited = b / "src/closedloop/stages/__init__.py"
+    committed = edited.read_text()
     pid = int(re.search(r"pid (\d+)", detached).group(1))
     log = Path(re.search(r"output: (\S+)", detached).group(1))
     seen_running, st, states, deadline = None, None, [], time.time() + 900
@@ -209,6 +213,8 @@ def resumed(effect, tmp_path_factory):
                 time.sleep(0.05)
                 continue
             states = [r["state"] for r in st["rows"]]
+            if "running" in states and edited.read_text() == committed:  # the run is under way: now edit
+                edited.write_text(committed + "\nraise SystemExit('edited after the effect run started')\n")
             if seen_running is None and "done" in states and "pending" in states and any(
                     r["state"] == "running" and r.get("progress") for r in st["rows"]):
                 seen_running = st
@@ -220,7 +226,9 @@ def resumed(effect, tmp_path_factory):
             time.sleep(0.02)
     finally:
         _kill_tree(pid)
+        edited.write_text(committed)
     assert states.count("done") >= 3 and "pending" in states, (st, log.read_text()[-3000:])
+    assert "edited after the effect run started" not in log.read_text()
     assert "Running stage" in log.read_text()  # the detached run's output went to its log
     killed = {r["stage"] for r in st["rows"] if r["state"] == "done"}
     status_text = run(b, env, "status", "rft").stdout

@@ -44,3 +44,8 @@ def test_dct_effect_compares_with_the_seeds_only_ablation(dct_effect):
     seeds = {r["text"] for r in _jsonl(dct_effect / "data/dct/seeds.jsonl")}
     heldout = {g["nodes"][0]["text"] for g in _jsonl(dct_effect / "data/dct/heldout_graphs.jsonl")}
     assert len(seeds) == 4 and len(heldout) == 4 and not seeds & heldout
+    # supervised (the effect's mode, the default): every seed keeps its labelled truth through the solver
+    train = {r["claim"]: r["label"] for r in _jsonl(dct_effect / "data/facts/train.jsonl")}
+    for graph in _jsonl(dct_effect / "data/dct/solved.jsonl"):
+        seed = graph["nodes"][0]
+        assert seed["fixed"] and seed["assigned"] == seed["label"] == train[seed["text"]]

@@ -41,10 +41,12 @@ def flow(root, env, *targets: str) -> subprocess.Popen:
 
 
 def wait_for_partial_output(proc: subprocess.Popen, root: Path, timeout: float = 600) -> psutil.Process:
-    """The `closedloop stage rft_sample` process, once it has written part of its output."""
+    """The `closedloop stage rft_sample` process, once it has kept part of its work (a finished chunk,
+    closedloop.chunks; the project's DVC cache and state are inside it, conftest)."""
+    chunks = root / ".dvc/tmp/closedloop-state/chunks"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if [p for p in (root / "data/rft").glob(".samples.jsonl.*.tmp") if p.stat().st_size > 0]:
+        if [p for p in chunks.glob("rft_sample-*/*.jsonl") if p.stat().st_size > 0]:
             for child in psutil.Process(proc.pid).children(recursive=True):
                 if "stage" in child.cmdline() and "rft_sample" in child.cmdline():
                     return child

@@ -77,6 +77,9 @@ def project(tmp_path_factory, tiny_model_dir, prefect_home):
         prompts = shutil.copy(IFEVAL, tmp / "ifeval.jsonl")
         params["evaluate"] = dict(params["evaluate"], prompts=str(prompts), limit=6)
     set_params(root, params)
+    # DCT's unsupervised mode (the model writes its own seeds); the supervised default runs in the
+    # DCT effect test (test_e2e_effect_dct.py), the update mode in test_e2e_dct.py
+    set_params(root, {"dct": {"seeds": {"mode": "unsupervised"}}})
     env = project_env(root, prefect_home)
     first = run_flow(root, env)
     return root, env, first
@@ -122,11 +125,6 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert "generations.json" in {a.path for a in client.list_artifacts(by_stage["eval@rft"].info.run_id)}
     assert {"report.md", "instruction_following.png"} <= {
         a.path for a in client.list_artifacts(by_stage["compare"].info.run_id)}
-    # DCT, supervised (the default): every seed keeps its labelled truth through the solver
-    train = {r["claim"]: r["label"] for r in map(json.loads, (root / "data/facts/train.jsonl").read_text().splitlines())}
-    for graph in map(json.loads, (root / "data/dct/solved.jsonl").read_text().splitlines()):
-        seed = graph["nodes"][0]
-        assert seed["fixed"] and seed["assigned"] == seed["label"] == train[seed["text"]]
     # SPCT: every judge is a row of the report's reward_accuracy table, paired against the base model
     report = json.loads((root / "data/compare/report.json").read_text())["reward_accuracy"]
     assert set(report["models"]) == {"base", "grm-rft", "grm", "grm-no-principles", "scalar-rm", "grm-vote4",
@@ -167,6 +165,48 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     # the held-out set is the IFEval subset, and the metrics file is what DVC reads
     metrics = dvc(root, env, "metrics", "show", "--json")
     assert "prompt_level_strict" in metrics
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dct_through_the_flow(project):
+    """DCT, unsupervised: consistent labels on the model's own claims, coherence on held-out graphs."""
+    root, _, _ = project
+    parents, children = pipeline_runs(root)
+    by_stage = {r.data.tags["closedloop.dvc_stage"]: r for r in children[parents[0].info.run_id]}
+    graphs = _rows(root / "data/dct/solved.jsonl")
+    assert graphs and all(g["nodes"][0]["role"] == "seed" and not g["nodes"][0]["fixed"] for g in graphs)
+    for g in graphs:  # every chosen assignment satisfies its graph
+        labels = [n["assigned"] for n in g["nodes"]]
+        for a, b, kind in g["edges"]:
+            assert not (labels[a] and labels[b]) if kind == "contradicts" else (not labels[a] or labels[b])
+        assert all(0.0 <= n["p_true"] <= 1.0 for n in g["nodes"])
+    solve = by_stage["dct_solve"]
+    assert {"flips", "flip_rate", "coherence_before", "edges"} <= set(solve.data.metrics)
+    client = mlflow.MlflowClient()
+    assert "graphs/solved.jsonl" in {a.path for a in client.list_artifacts(solve.info.run_id, "graphs")}
+    # coherence is measured on held-out graphs, whose seeds no model trained on
+    heldout = _rows(root / "data/dct/heldout_graphs.jsonl")
+    trained_on = {g["nodes"][0]["text"] for g in graphs}
+    assert heldout and not {g["nodes"][0]["text"] for g in heldout} & trained_on
+    coherence = by_stage["dct_coherence"]
+    assert {"coherent_base", "coherent_dct", "coherent_dct-seeds", "coherence_diff_vs_base_ci_low",
+            "coherence_diff_vs_dct-seeds", "assignment_agreement_train"} <= set(coherence.data.metrics)
+    with_edges = [g for g in heldout if g["edges"]]
+    for name in ("base", "dct", "dct-seeds"):
+        records = _rows(root / f"data/dct/coherence/{name}/records.jsonl")
+        assert [r["key"] for r in records] == [g["graph"] for g in with_edges]
+    table = client.load_table(coherence.info.experiment_id, "heldout_graph_summary.json", [coherence.info.run_id])
+    assert {"nodes", "edges", "coherent_base", "coherent_dct", "coherent_dct-seeds"} <= set(table.columns)
+    assert by_stage["dct_train"].data.metrics["train_examples"] >= len(graphs)
+    # the ablation trained on the seeds alone: one example per graph, at most doubled by label balancing
+    assert len(graphs) <= by_stage["dct_train_seeds"].data.metrics["train_examples"] <= 2 * len(graphs)
+    assert (root / "models/dct/model.safetensors").is_file() and (root / "models/dct-seeds/model.safetensors").is_file()
+    # the shared evaluation scored the DCT model on the held-out claims
+    metrics = json.loads((root / "data/eval/dct/metrics.json").read_text())
+    assert 0.0 <= metrics["fact_accuracy"] <= 1.0 and metrics["fact_verification_examples"] > 0
 
 
 def test_every_stage_reads_exactly_the_params_it_declares(project):

@@ -59,10 +59,12 @@ def ensure_cache_dir(root: Path) -> Path:
     return wanted
 
 
-def state_dir(root: Path) -> Path:
-    """Beside the DVC cache: what closedloop keeps about runs (attempts, stage seconds), shared by
-    every clone that shares the cache (inside the checkout: under .dvc/tmp, which git ignores)."""
-    cache = ensure_cache_dir(root)
-    if cache == (root / INSIDE).resolve():
-        return root / ".dvc" / "tmp" / "closedloop-state"
+def state_dir(root: Path, *, configure: bool = True) -> Path:
+    """Beside the DVC cache: what closedloop keeps about runs (attempts, stage seconds, chunks of
+    interrupted stages), shared by every clone that shares the cache (inside the checkout: under
+    .dvc/tmp, which git ignores). `configure=False` (inside a stage DVC runs): the cache DVC is
+    using now, the config left as it is."""
+    cache = ensure_cache_dir(root) if configure else (configured_cache_dir(root) or (root / INSIDE).resolve())
+    if cache.parts[-2:] == INSIDE.parts:  # a checkout's own cache (this one's, or, for the temporary
+        return cache.parent / "tmp" / "closedloop-state"  # copy of `dvc exp run --temp`, its origin's)
     return cache.parent / "closedloop-state"

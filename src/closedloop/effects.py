@@ -175,6 +175,10 @@ def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str], log: Path)
     ref = exp_ref(root, spec.name)
     # A rerun replaces the experiment of the same name (its results file is in git history).
     subprocess.run([dvc, "exp", "remove", spec.name], cwd=root, env=env, capture_output=True)
+    # Each stage runs the code of the commit it names, even where closedloop is installed editable
+    # from this checkout and its files change while the run goes on: a relative PYTHONPATH entry
+    # resolves against each stage's working directory, the experiment's copy.
+    env = {**env, "PYTHONPATH": os.pathsep.join(["src", *filter(None, [env.get("PYTHONPATH")])])}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as out:
         proc = subprocess.Popen([dvc, "exp", "run", "--temp", "-n", spec.name, *set_param_args(spec.params),

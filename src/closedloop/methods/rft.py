@@ -13,7 +13,7 @@ The stages (stages/rft.py) read and write files; everything here is rows in, row
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,26 +44,22 @@ class RFTConfig:
 CONFIG = RFTConfig
 
 
-def sample_rows(backend: Any, rows: Sequence[dict], num_samples: int, sampling: dict, seed: int,
-                batch_size: int) -> Iterator[dict]:
-    """Search: one row per (prompt, sample), yielded batch by batch; batch b uses its own seed, so
-    a run killed half-way and rerun gives the same rows as one that never died."""
-    from tqdm import tqdm
+def search_batches(rows: Sequence[dict], num_samples: int, batch_size: int) -> list[list[dict]]:
+    """The train prompts in generation batches of about `batch_size` sequences (`num_samples` each)."""
+    per_batch = max(1, batch_size // num_samples)
+    return [list(rows[i:i + per_batch]) for i in range(0, len(rows), per_batch)]
 
-    from closedloop import progress
+
+def sample_batch(backend: Any, batch: Sequence[dict], b: int, num_samples: int, sampling: dict,
+                 seed: int) -> list[dict]:
+    """Search: one row per (prompt, sample) of batch `b`, which has its own seed, so a run killed
+    half-way and resumed gives the same rows as one that never died."""
     from closedloop.generate import SamplingParams
 
-    per_batch = max(1, batch_size // num_samples)
-    starts = range(0, len(rows), per_batch)
-    for b, start in enumerate(tqdm(starts, desc="rft search", unit="batch")):
-        progress.report(b, len(starts), "search batches")
-        chunk = rows[start: start + per_batch]
-        params = SamplingParams(n=num_samples, seed=seed * 1_000_003 + b, **sampling)
-        outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in chunk], params)
-        for row, completions in zip(chunk, outs):
-            for i, c in enumerate(completions):
-                yield {**row, "sample_idx": i, "response": c.text, "num_tokens": c.num_tokens,
-                       "finish_reason": c.finish_reason}
+    params = SamplingParams(n=num_samples, seed=seed * 1_000_003 + b, **sampling)
+    outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in batch], params)
+    return [{**row, "sample_idx": i, "response": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason}
+            for row, completions in zip(batch, outs) for i, c in enumerate(completions)]
 
 
 def score_samples(verifier: Any, samples: Sequence[dict]) -> list[dict]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import mlflow
 
+from closedloop import progress
+from closedloop.chunks import CHUNK_BATCHES, in_chunks, resumable
 from closedloop.errors import UserError
 from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from closedloop.methods import rft
@@ -26,10 +28,18 @@ TRAIN = Path("data/suite/train.jsonl")
 def run_sample(params: Any, root: Path, key: str | None) -> None:
     r = params.rft
     backend = open_backend(params, root, "models/base", r.batch_size)
-    rows = read_jsonl(root / TRAIN)
+    batches = list(enumerate(rft.search_batches(read_jsonl(root / TRAIN), r.num_samples, r.batch_size)))
     sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens}
-    n = write_jsonl(root / DATA / "samples.jsonl",
-                    rft.sample_rows(backend, rows, r.num_samples, sampling, params.seed, r.batch_size))
+
+    def work(part: list, _: int) -> list[dict]:
+        out = []
+        for b, batch in part:
+            progress.report(b, len(batches), "search batches")
+            out += rft.sample_batch(backend, batch, b, r.num_samples, sampling, params.seed)
+        return out
+
+    with resumable(root, "rft_sample") as chunks:
+        n = write_jsonl(root / DATA / "samples.jsonl", in_chunks(batches, CHUNK_BATCHES, work, chunks))
     stats = backend.stats
     mlflow.log_metrics({"num_samples": n, "generated_tokens": stats.get("generated_tokens", 0),
                         "generation_seconds": stats.get("seconds", 0.0)})

@@ -80,7 +80,7 @@ def run_eval(params: Any, root: Path, name: str | None) -> None:
     metric names line up in MLflow's compare view and in the comparison report."""
     import pandas as pd
 
-    from closedloop.evaluate.bootstrap import ratio_interval
+    from closedloop.chunks import resumable
     from closedloop.evaluate.suites import get_suite
 
     e = params.evaluate
@@ -90,10 +90,30 @@ def run_eval(params: Any, root: Path, name: str | None) -> None:
         backend = open_backend(params, root, e.models[name], e.batch_size)
     except UserError as err:
         raise UserError(f"evaluate.models.{name}: {err}") from None
-    out = root / EVAL_DIR / name
+    with resumable(root, f"eval@{name}") as chunks:
+        records, metrics = _evaluate(params, suites, backend, chunks)
+        write_jsonl(root / EVAL_DIR / name / "records.jsonl", records)
+        write_json(root / EVAL_DIR / name / "metrics.json", metrics)
+    mlflow.log_metrics(metrics)
+    stats = getattr(backend, "stats", {})
+    if stats.get("seconds"):
+        mlflow.log_metric("tokens_per_second", stats["generated_tokens"] / stats["seconds"])
+    mlflow.log_table(pd.DataFrame([{k: r.get(k) for k in ("suite", "key", "prompt", "response")} for r in records]),
+                     "generations.json")
+
+
+def _evaluate(params: Any, suites: dict, backend: Any, chunks: Any) -> tuple[list[dict], dict]:
+    """Every suite's records and metrics. Examples go in chunks of a few batches that outlive a
+    kill (closedloop.chunks); a suite's records are per example, so chunks concatenate to the
+    whole (each chunk is one call with the run's seed: for sampled decoding, chunks share streams)."""
+    from closedloop.chunks import CHUNK_BATCHES, in_chunks
+    from closedloop.evaluate.bootstrap import ratio_interval
+
+    e = params.evaluate
     records, metrics = [], {}
     for suite_name, (suite, examples) in suites.items():
-        rows = suite.run(params, examples, backend)
+        rows = in_chunks(examples, CHUNK_BATCHES * e.batch_size,
+                         lambda part, _, suite=suite: suite.run(params, part, backend), chunks, suite_name)
         records += rows
         for m in suite.metrics:
             num = [r["scores"][m][0] for r in rows]
@@ -102,14 +122,7 @@ def run_eval(params: Any, root: Path, name: str | None) -> None:
             metrics |= {m: iv["value"], f"{m}_ci_low": iv["ci_low"], f"{m}_ci_high": iv["ci_high"]}
         metrics |= suite.summary(rows)
         metrics[f"{suite_name}_examples"] = len(rows)
-    write_jsonl(out / "records.jsonl", records)
-    write_json(out / "metrics.json", metrics)
-    mlflow.log_metrics(metrics)
-    stats = getattr(backend, "stats", {})
-    if stats.get("seconds"):
-        mlflow.log_metric("tokens_per_second", stats["generated_tokens"] / stats["seconds"])
-    mlflow.log_table(pd.DataFrame([{k: r.get(k) for k in ("suite", "key", "prompt", "response")} for r in records]),
-                     "generations.json")
+    return records, metrics
 
 
 def run_compare(params: Any, root: Path, key: str | None) -> None:
