@@ -98,8 +98,9 @@ TINY_PARAMS = {
         # votes: the tiny model's character-level tokenizer cannot tell " yes" from " no" as labels
         "judge": {"verifier": "hybrid_judge", "votes": 3, "max_new_tokens": 12, "scoring": "votes"},
         "tree": {"max_new_tokens": 12, "budget": 20},
-        # pairs = best vs worst sample: a tiny random model never writes a parseable refinement
-        "ablation": "no_refine",
+        # the no_refine ablation beside it1 (pairs = best vs worst sample): the DPO path trains on
+        # pairs, which a tiny random model's trees never give (it writes no passing refinement)
+        "ablations": {"no_refine": {"of": "it1", "start": "init"}},
         "dpo": {"max_length": 128, "batch_size": 2},
         "refiner_sft": {"max_length": 128, "batch_size": 2},
         "eval_search": True,

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from closedloop.effects import RESULT_KEYS
+from closedloop.methods.spar_data import judge_accuracy
 from test_e2e_effect import tiny_effect
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +19,7 @@ def _jsonl(path) -> list[dict]:
 
 # SPAR's effect configuration at tiny sizes: the judge sizes back to TINY_PARAMS', the tree path on.
 TINY_SPAR = ["prepare.num_train=8", "prepare.num_eval=6", "spar.judge.max_new_tokens=12", "spar.sample.max_prompts=4",
-             "spar.init.max_prompts=4", "spar.ablation=none"]
+             "spar.init.max_prompts=4"]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,19 @@ def spar_effect(tmp_path_factory, tiny_model_dir):
 
 def test_spar_effect_reports_actor_and_judge_rows(spar_effect):
     data = json.loads((spar_effect / "results/spar.json").read_text())
-    assert [(r["model"], r["metric"]) for r in data["rows"]] == [
-        ("spar-it2", "instruction_following.prompt_level_strict"),
-        ("spar-it1", "instruction_following.prompt_level_strict"),
-        ("it2", "refiner_judging.judge_accuracy"), ("it1", "refiner_judging.judge_accuracy"),
-        ("init", "refiner_judging.judge_accuracy")]
+    judging, strict = "refiner_judging.judge_", "instruction_following.prompt_level_strict"
+    assert [(r["model"], r["baseline"], r["metric"]) for r in data["rows"]] == [
+        ("spar-it2", "base", strict), ("spar-it1", "base", strict),
+        ("spar-it1", "spar-no-tree", strict), ("spar-it1", "spar-no-refine", strict),
+        ("init", "base", judging + "balanced_accuracy"), ("it1", "init", judging + "balanced_accuracy"),
+        ("it2", "it1", judging + "balanced_accuracy"), ("it2", "init", judging + "balanced_accuracy"),
+        ("it2", "init", judging + "accuracy"), ("init", "base", judging + "coverage"),
+        ("it2", "init", judging + "coverage")]
     assert all(r["n"] == 6 and set(RESULT_KEYS) <= set(r) for r in data["rows"])
+    records = _jsonl(spar_effect / "data/spar/judge/init/records.jsonl")
+    gold = [r["gold"] for r in records]
+    balanced = judge_accuracy([r["decision"] for r in records], gold)["balanced_accuracy"]
+    assert data["rows"][4]["value"] == pytest.approx(balanced)
 
 
 def test_spar_effect_iterations_judge_by_the_refiner_never_the_rules(spar_effect):
@@ -41,14 +49,38 @@ def test_spar_effect_iterations_judge_by_the_refiner_never_the_rules(spar_effect
     samples' and its trees' nodes') is the refiner's."""
     init = _jsonl(spar_effect / "data/spar/init/refiner_sft.jsonl")
     judgments = [e for e in init if e["kind"] == "judgment"]
-    assert judgments and all(e["completion"][0]["content"].startswith("Constraints:") for e in judgments)
-    assert {e["completion"][0]["content"].rsplit("Verdict: ", 1)[1] for e in judgments} <= {"yes", "no"}
+    assert judgments and all(e["source"] == "rules" for e in judgments)
+    for e in judgments:  # the compact format: a line per constraint, then the verdict
+        *checks, verdict = e["completion"][0]["content"].splitlines()
+        assert checks and all(c.endswith((": met", ": not met")) for c in checks)
+        assert verdict == f"Verdict: {'yes' if e['verdict'] else 'no'}"
     for it in ("it1", "it2"):
         judged = _jsonl(spar_effect / f"data/spar/{it}/judged.jsonl")
         assert judged and all(j["judge"]["source"] == "model" and len(j["judge"]["texts"]) == 3 for j in judged)
-        for tree in _jsonl(spar_effect / f"data/spar/{it}/trees.jsonl"):
+        trees = _jsonl(spar_effect / f"data/spar/{it}/trees.jsonl")
+        for tree in trees:
             assert all(len(n["judgment_texts"]) == 3 for n in tree["nodes"])
+        # every judgment the refiner learns is one it wrote itself, on a sample or a tree node
+        written = {t for j in judged for t in j["judge"]["texts"]} | {
+            t for tree in trees for n in tree["nodes"] for t in n["judgment_texts"]}
         rft = _jsonl(spar_effect / f"data/spar/{it}/refiner_sft.jsonl")
-        assert not any(e["completion"][0]["content"].startswith("Constraints:") for e in rft)
+        assert all(e["completion"][0]["content"] in written for e in rft if e["kind"] == "judgment")
+        # one refinement per successful tree: its final step
+        assert sum(e["kind"] == "refinement" for e in rft) == sum(t["success"] is not None for t in trees)
     trained = json.loads((spar_effect / "data/spar/init/refiner_train_metrics.json").read_text())
     assert trained["train_examples"] == len(init) > 0  # the starting refiner was fine-tuned, not copied
+
+
+def test_spar_effect_ablations_share_the_iterations_samples_and_train_their_own_actors(spar_effect):
+    """The paper's ablation table: each ablation of it1 on it1's own judged samples, its actor
+    trained from it1's start, evaluated on the same held-out prompts as spar-it1."""
+    judged = {(j["prompt"], j["response"]) for j in _jsonl(spar_effect / "data/spar/it1/judged.jsonl")}
+    for kind in ("no_tree", "no_refine"):
+        pairs = _jsonl(spar_effect / f"data/spar/ablations/{kind}/dpo.jsonl")
+        assert all((p["prompt"], p["rejected"]) in judged for p in pairs)  # a sample the iteration judged
+        trees = _jsonl(spar_effect / f"data/spar/ablations/{kind}/trees.jsonl")
+        assert all(len(t["nodes"]) <= 2 for t in trees) if kind == "no_tree" else trees == []  # one refinement
+        assert (spar_effect / f"models/spar/ablations/{kind}/actor/model.safetensors").is_file()
+    keys = {name: [r["key"] for r in _jsonl(spar_effect / f"data/eval/{name}/records.jsonl")]
+            for name in ("spar-it1", "spar-no-tree", "spar-no-refine")}
+    assert keys["spar-it1"] == keys["spar-no-tree"] == keys["spar-no-refine"] and len(keys["spar-it1"]) == 6

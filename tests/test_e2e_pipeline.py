@@ -23,7 +23,8 @@ pytestmark = pytest.mark.e2e
 
 RFT_STAGES = {"base", "prepare", "rft_sample", "rft_verify", "rft_train", "eval@base", "eval@rft", "compare"}
 SPAR_STEPS = ("spar_sample", "spar_judge", "spar_refine", "spar_pairs", "spar_actor", "spar_refiner", "spar_eval")
-SPAR_STAGES = {"spar_init", "spar_eval_init", "eval@spar-it1"} | {f"{s}@it1" for s in SPAR_STEPS}
+SPAR_STAGES = {"spar_init", "spar_eval_init", "eval@spar-it1", "spar_ablation_data@no_refine",
+               "spar_ablation_actor@no_refine"} | {f"{s}@it1" for s in SPAR_STEPS}
 DCT_STAGES = {"facts", "eval@dct"} | {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "train_seeds",
                                                              "coherence")}
 SPCT_STAGES = {f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")}
@@ -401,10 +402,14 @@ def test_spar_iteration_through_the_flow(project):
     judges = {name: [json.loads(line) for line in (root / f"data/spar/judge/{name}/records.jsonl").open()]
               for name in ("base", "init", "it1")}
     assert len({tuple(r["key"] for r in rows) for rows in judges.values()}) == 1  # the same responses, paired
-    assert by_stage["spar_pairs@it1"].data.metrics["dpo_pairs"] >= 1
-    assert by_stage["spar_actor@it1"].data.metrics["train_pairs"] >= 1  # the actor really trained with DPO
-    pairs = [json.loads(line) for line in (root / "data/spar/it1/dpo.jsonl").read_text().splitlines()]
-    assert all(p["chosen_value"] > p["rejected_value"] for p in pairs)
+    # the no_refine ablation beside it1, on it1's judged samples: its own pairs and actor (DPO)
+    assert by_stage["spar_ablation_data@no_refine"].data.metrics["dpo_pairs"] >= 1
+    assert by_stage["spar_ablation_actor@no_refine"].data.metrics["train_pairs"] >= 1
+    pairs = [json.loads(line) for line in (root / "data/spar/ablations/no_refine/dpo.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen_value"] > p["rejected_value"] and p["source"] == "best_worst" for p in pairs)
+    judged = {(j["prompt"], j["response"]) for j in map(json.loads, (root / "data/spar/it1/judged.jsonl").open())}
+    assert all((p["prompt"], p["chosen"]) in judged and (p["prompt"], p["rejected"]) in judged for p in pairs)
+    assert (root / "models/spar/ablations/no_refine/actor/model.safetensors").is_file()
     actor_eval = json.loads((root / "data/eval/spar-it1/metrics.json").read_text())
     assert 0.0 <= actor_eval["prompt_level_strict"] <= 1.0  # the shared evaluation scored the actor
     assert (root / "models/spar/it1/actor/model.safetensors").is_file()

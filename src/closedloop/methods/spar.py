@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 from closedloop.config import DPOParams, FieldError, SFTParams, bounds, check_verifier_name
 from closedloop.methods.spar_data import (
+    balanced_judgments,
     best_worst_pairs,
     dpo_pairs,
     refine_messages_for,
-    refiner_example,
-    refiner_rft_set,
+    refinement_examples,
 )
 from closedloop.search.tree import TreeParams, tree_search_many
 from closedloop.verifiers.ifeval_rules import check
@@ -101,7 +101,13 @@ class SparConfig:
     # the iteration as a row of the comparison report.
     iterations: dict[str, str] = field(default_factory=lambda: {"it1": "init"})
     init: SparInitConfig = field(default_factory=SparInitConfig)
-    ablation: Literal["none", "no_tree", "no_refine"] = "none"  # no_tree: one refinement; no_refine: best vs worst sample
+    # The paper's ablations, each beside an iteration: {kind: {of: <iteration>, start: <what that
+    # iteration starts from>}}, kind no_tree (one refinement per failing response, no tree) or
+    # no_refine (DPO pairs of the best and the worst sample by the judge). An ablation reuses its
+    # iteration's samples and judgments and trains its own actor from the same start
+    # (models/spar/ablations/<kind>/actor), so `spar-<it>` and the ablation pair up on the same
+    # held-out prompts. `start` repeats `iterations[of]` because DVC's templating cannot look it up.
+    ablations: dict[str, dict[str, str]] = field(default_factory=dict)
     batch_size: int = field(default=64, metadata=bounds(ge=1, le=4096))  # sequences per generation batch
     sample: SparSampleConfig = field(default_factory=SparSampleConfig)
     judge: SparJudgeConfig = field(default_factory=SparJudgeConfig)
@@ -125,9 +131,22 @@ class SparConfig:
             if start != prev:
                 raise FieldError(f"iterations.{name}", f"expected {prev!r} (the iteration before it), got {start!r}")
             prev = name
+        for kind, entry in self.ablations.items():
+            if kind not in ABLATIONS:
+                raise FieldError(f"ablations.{kind}", f"expected one of: {', '.join(ABLATIONS)}")
+            if set(entry) != {"of", "start"}:
+                raise FieldError(f"ablations.{kind}", "expected {of: <iteration>, start: <the iteration it starts from>}")
+            if entry["of"] not in self.iterations:
+                raise FieldError(f"ablations.{kind}.of", f"expected one of the iterations ({', '.join(self.iterations)}), "
+                                                         f"got {entry['of']!r}")
+            if entry["start"] != self.iterations[entry["of"]]:
+                raise FieldError(f"ablations.{kind}.start",
+                                 f"expected {self.iterations[entry['of']]!r} (what {entry['of']} starts from), "
+                                 f"got {entry['start']!r}")
 
 
 CONFIG = SparConfig
+ABLATIONS = ("no_tree", "no_refine")
 JUDGING_SUITE = "refiner_judging"  # records of a judge's correctness on held-out responses
 
 
@@ -236,19 +255,25 @@ def refine_trees(roots: Sequence[dict], refine_generate, judge, tree: TreeParams
     return [tree_to_record(root, res) for root, res in zip(roots, results)]
 
 
-def build_pairs(judged: Sequence[dict], trees: Sequence[dict], ablation: str, max_refinement: int,
-                max_judgment: int) -> tuple[list[dict], list[dict]]:
-    """Feedback data: DPO pairs for the actor and the RFT set for the refiner."""
-    if ablation == "no_refine":
-        by_prompt: dict[str, list[dict]] = defaultdict(list)
-        for s in judged:
-            if s["judge"]["decision"] is not None:
-                by_prompt[s["prompt"]].append(s)
-        pairs = best_worst_pairs({p: [s["response"] for s in ss] for p, ss in by_prompt.items()},
-                                 {p: [s["judge"] for s in ss] for p, ss in by_prompt.items()})
-    else:
-        pairs = dpo_pairs(trees)
-    return pairs, refiner_rft_set(trees, max_refinement, max_judgment)
+def ablation_pairs(judged: Sequence[dict], trees: Sequence[dict], kind: str) -> list[dict]:
+    """An ablation's DPO pairs: no_tree's from its single-refinement trees, as SPAR's; no_refine's
+    the best against the worst sample of a prompt by the judge's value (no refinement)."""
+    if kind == "no_tree":
+        return dpo_pairs(trees)
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for s in judged:
+        if s["judge"]["decision"] is not None:
+            by_prompt[s["prompt"]].append(s)
+    return best_worst_pairs({p: [s["response"] for s in ss] for p, ss in by_prompt.items()},
+                            {p: [s["judge"] for s in ss] for p, ss in by_prompt.items()})
+
+
+def ablation_dir(kind: str) -> Path:
+    return Path("data/spar/ablations") / kind
+
+
+def ablation_model_dir(kind: str) -> Path:
+    return Path("models/spar/ablations") / kind / "actor"
 
 
 class ExplainedRules:
@@ -261,17 +286,12 @@ class ExplainedRules:
 
 def init_refiner_examples(judged: Sequence[dict], trees: Sequence[dict], max_refinement: int,
                           max_judgment: int) -> list[dict]:
-    """The starting refiner's SFT set from rule-judged samples and rule-judged trees: the
-    refinements on each root-to-success path, then judgments of the samples with the rules' texts,
-    yes and no alternating (so the refiner does not learn to answer one way), each kind capped."""
-    refinements = refiner_rft_set(trees, max_refinement, 0)
-    by_verdict: dict[bool, list[dict]] = {True: [], False: []}
-    for s in judged:
-        if s["judge"]["texts"]:
-            by_verdict[bool(s["judge"]["decision"])].append(
-                refiner_example(judge_messages(s["prompt"], s["response"]), s["judge"]["texts"][0], "judgment"))
-    judgments = [e for pair in itertools.zip_longest(by_verdict[False], by_verdict[True]) for e in pair if e]
-    return refinements + judgments[:max_judgment]
+    """The starting refiner's SFT set from rule-judged samples and rule-judged trees: the final step
+    of each successful tree, then the rules' judgments of the samples, balanced between yes and no
+    (`balanced_judgments`), each kind capped."""
+    candidates = [(s["prompt"], s["response"], s["judge"]["texts"][0], bool(s["judge"]["decision"]), "rules")
+                  for s in judged if s["judge"]["texts"]]
+    return refinement_examples(trees, max_refinement) + balanced_judgments(candidates, max_judgment)
 
 
 def success_depths(trees: Sequence[dict], max_depth: int) -> dict[str, int]:

@@ -8,6 +8,7 @@ with the original failing response, so the two differ mostly in the constraint t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -91,63 +92,120 @@ def best_worst_pairs(
     return pairs
 
 
-def refiner_example(prompt: list[dict], completion: str, kind: str) -> dict:
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "kind": kind}
+def refiner_example(prompt: list[dict], completion: str, kind: str, **fields: Any) -> dict:
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "kind": kind, **fields}
+
+
+def split_vote_text(texts: Sequence[str], decision: bool | None) -> str | None:
+    """The judgment the refiner learns from when its votes split (some yes, some no): the first
+    text agreeing with the majority. Unanimous votes teach nothing the refiner does not already do;
+    a rule verdict has no text. None when there is no example."""
+    verdicts = [parse_verdict(t) for t in texts]
+    if decision is None or True not in verdicts or False not in verdicts:
+        return None
+    return next(t for t, v in zip(texts, verdicts) if v is decision)
 
 
 def split_vote_judgment(node: Node) -> str | None:
-    """The judgment the refiner learns from at a node whose votes split (some yes, some no): the
-    first text agreeing with the majority. Unanimous nodes teach nothing the refiner does not
-    already do; rule-judged nodes have no texts. None when the node gives no example."""
-    verdicts = [parse_verdict(t) for t in node.judgment_texts]
-    if node.decision is None or True not in verdicts or False not in verdicts:
-        return None
-    return next(t for t, v in zip(node.judgment_texts, verdicts) if v is node.decision)
+    """`split_vote_text` of a tree node."""
+    return split_vote_text(node.judgment_texts, node.decision)
 
 
-def refiner_rft_set(records: Sequence[dict], max_refinement: int, max_judgment: int) -> list[dict]:
-    """Chat prompt/completion examples for the refiner's RFT, from its own tree search (self-play:
-    no rule verdict enters): refinements first, then judgments, each capped.
-
-    Refinements: every step on a root-to-success path (the parent's refine prompt -> the child's
-    "Critique: ...\nRefined response: ..."). Judgments: one per node whose votes split
-    (`split_vote_judgment`). Order: records, then node id; caps keep the first examples, so
-    shuffle `records` (seeded) beforehand for a random subset.
-    """
-    refinements: list[dict] = []
-    judgments: list[dict] = []
+def refinement_examples(records: Iterable[dict], cap: int) -> list[dict]:
+    """One example per successful tree, its final step only: the parent's refine prompt -> the
+    refinement that passed the gate. As the reference (thu-coai/SPaR, process_rft_data) builds it:
+    the steps before it are refinements the refiner's own judge rejected."""
+    out = []
     for rec in records:
-        tree = record_to_tree(rec)
-        path = tree.path()
-        for parent, child in zip(path, path[1:]):
-            refinements.append(refiner_example(refine_messages_for(rec["prompt"], parent),
-                                        format_refinement(child.critique or "", child.response), "refinement"))
-        for node in tree.nodes:
+        path = record_to_tree(rec).path()
+        if len(path) >= 2:
+            parent, child = path[-2], path[-1]
+            out.append(refiner_example(refine_messages_for(rec["prompt"], parent),
+                                       format_refinement(child.critique or "", child.response), "refinement",
+                                       source="tree"))
+    return out[:cap]
+
+
+def balanced_judgments(candidates: Iterable[tuple[str, str, str, bool, str]], cap: int) -> list[dict]:
+    """Judgment examples from (prompt, response, judgment text, verdict, source) candidates: the
+    first of each (prompt, response), at most ceil(cap / 2) of each verdict (so neither "yes" nor
+    "no" fills the set while the other is available, as the reference caps each), alternating
+    no, yes, at most `cap` in all. Order follows `candidates`, so shuffle them (seeded) beforehand
+    for a random subset."""
+    seen: set[tuple[str, str]] = set()
+    by_verdict: dict[bool, list[dict]] = {False: [], True: []}
+    for prompt, response, text, verdict, source in candidates:
+        if (prompt, response) in seen:
+            continue
+        seen.add((prompt, response))
+        by_verdict[verdict].append(refiner_example(judge_messages(prompt, response), text, "judgment",
+                                                   verdict=verdict, source=source))
+    per = (cap + 1) // 2
+    pairs = itertools.zip_longest(by_verdict[False][:per], by_verdict[True][:per])
+    return [e for pair in pairs for e in pair if e][:cap]
+
+
+def refiner_rft_set(judged: Sequence[dict], records: Sequence[dict], max_refinement: int,
+                    max_judgment: int) -> list[dict]:
+    """Chat prompt/completion examples for the refiner's RFT, from its own judging and tree search
+    (self-play: no rule verdict enters): the final step of each successful tree
+    (`refinement_examples`), then its judgments where its votes split, first on the actor's sampled
+    responses (the reference's main source), then on tree nodes, balanced (`balanced_judgments`)."""
+    candidates = []
+    for s in judged:
+        text = split_vote_text(s["judge"]["texts"], s["judge"]["decision"])
+        if text is not None:
+            candidates.append((s["prompt"], s["response"], text, s["judge"]["decision"], "samples"))
+    for rec in records:
+        for node in record_to_tree(rec).nodes:
             text = split_vote_judgment(node)
             if text is not None:
-                judgments.append(refiner_example(judge_messages(rec["prompt"], node.response), text, "judgment"))
-    return refinements[:max_refinement] + judgments[:max_judgment]
+                candidates.append((rec["prompt"], node.response, text, node.decision, "tree"))
+    return refinement_examples(records, max_refinement) + balanced_judgments(candidates, max_judgment)
 
 
 def judge_accuracy(decisions: Sequence[bool | None], gold: Sequence[bool]) -> dict[str, float]:
     """Judge quality against gold labels; positive class = "follows all instructions".
 
     A None decision (unparseable or tie) is wrong for accuracy and never a positive prediction
-    (so a None on a gold positive is a false negative)."""
+    (so a None on a gold positive is a false negative); `coverage` says how many had a verdict.
+    Most responses of a small model fail the rules, so accuracy alone flatters a judge that always
+    says "no": `always_no` is that judge's accuracy, `balanced_accuracy` the mean of the accuracy
+    on passing and on failing responses (0.5 for any constant judge), `f1_fails` the F1 of
+    finding failures."""
     if len(decisions) != len(gold):
         raise ValueError(f"{len(decisions)} decisions but {len(gold)} gold labels")
     n = len(gold)
+    pos = sum(bool(g) for g in gold)
     tp = sum(d is True and g for d, g in zip(decisions, gold))
     fp = sum(d is True and not g for d, g in zip(decisions, gold))
     fn = sum(d is not True and g for d, g in zip(decisions, gold))
-    correct = sum(d is not None and d == g for d, g in zip(decisions, gold))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    tn = sum(d is False and not g for d, g in zip(decisions, gold))  # failures found
+    said_no = sum(d is False for d in decisions)
+
+    def f1(hits: int, predicted: int, actual: int) -> float:
+        return 2 * hits / (predicted + actual) if predicted + actual else 0.0
+
+    class_acc = [x for x in (tp / pos if pos else None, tn / (n - pos) if n - pos else None) if x is not None]
     return {
         "n": n,
-        "accuracy": correct / n if n else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": f1(tp, tp + fp, pos),
         "coverage": sum(d is not None for d in decisions) / n if n else 0.0,
+        "balanced_accuracy": sum(class_acc) / len(class_acc) if class_acc else 0.0,
+        "f1_fails": f1(tn, said_no, n - pos),
+        "always_no": (n - pos) / n if n else 0.0,
     }
+
+
+def judging_scores(decision: bool | None, gold: bool, gold_labels: Sequence[bool]) -> dict[str, list[float]]:
+    """One held-out response's scores as [numerator, denominator] (the paired bootstrap's ratio
+    form): correct; correct weighted by 1 / (responses of its gold class), whose ratio over the
+    set is `balanced_accuracy`; whether it got a verdict."""
+    same_class = sum(bool(g) == bool(gold) for g in gold_labels)
+    correct = float(decision is not None and decision == gold)
+    return {"judge_accuracy": [correct, 1.0],
+            "judge_balanced_accuracy": [correct / same_class, 1.0 / same_class],
+            "judge_coverage": [float(decision is not None), 1.0]}

@@ -15,6 +15,12 @@ ${spar.iterations}`), named `spar_<step>@<iteration>`, plus `spar_init`.
                   and of the reference model's (data/spar/judge/<it>/), scored against the rules;
                   with spar.eval_search, the "+search" metrics
 
+and one pair per ablation (`foreach: ${spar.ablations}`), beside the iteration it ablates:
+
+    spar_ablation_data   the ablation's DPO pairs from that iteration's judged samples
+                                                                       data/spar/ablations/<kind>/{trees,dpo}.jsonl
+    spar_ablation_actor  DPO from the iteration's starting actor        models/spar/ablations/<kind>/actor
+
 The actor's held-out evaluation is the shared `eval@spar-<it>`; the iteration curve is the rows
 base, spar-it1, spar-it2, ... of the comparison report.
 """
@@ -111,7 +117,8 @@ def run_init(params: Any, root: Path, key: str | None) -> None:
     metrics |= {"init_samples": len(samples), "init_sample_pass_rate": sum(j["rule_verdict"] for j in judged) / len(judged),
                 "init_trees": len(trees), "init_successful_trees": sum(t["success"] is not None for t in trees),
                 "init_refinements": sum(e["kind"] == "refinement" for e in examples),
-                "init_judgments": sum(e["kind"] == "judgment" for e in examples)}
+                "init_judgments": sum(e["kind"] == "judgment" for e in examples),
+                "init_judgments_yes": sum(e.get("verdict") is True for e in examples)}
     log_training(metrics, out / "refiner_train_metrics.json")
 
 
@@ -141,17 +148,17 @@ def run_judge(params: Any, root: Path, name: str) -> None:
     mlflow.log_metrics(metrics)
 
 
-def run_refine(params: Any, root: Path, name: str) -> None:
+def _search(params: Any, root: Path, name: str, single_refinement: bool, seed: int) -> tuple[list[dict], dict]:
+    """Refinement trees from the failing responses of iteration `name`'s judged samples, with the
+    refiner it starts from: (tree records, metrics)."""
     s, t = params.spar, params.spar.tree
     judged = read_jsonl(root / spar.data_dir(name) / "judged.jsonl")
-    per_prompt = t.roots_per_prompt
-    roots = spar.failing_roots(judged, per_prompt) if s.ablation != "no_refine" else []
-    tree = _tree_params(t, single_refinement=s.ablation == "no_tree")
+    roots = spar.failing_roots(judged, t.roots_per_prompt)
+    tree = _tree_params(t, single_refinement)
     refiner = spar.model_dir(_prev(params, name), "refiner")
-    judge, judge_backend, votes = _judge(params, root, refiner, params.seed + 1)
+    judge, judge_backend, votes = _judge(params, root, refiner, seed + 1)
     backend = judge_backend or open_backend(params, root, refiner, s.batch_size)
-    generate = _refiner(backend, t, params.seed + 2)
-    records = spar.refine_trees(roots, generate, judge, tree, votes) if roots else []
+    records = spar.refine_trees(roots, _refiner(backend, t, seed + 2), judge, tree, votes) if roots else []
     ok = [r for r in records if r["success"] is not None]
     stats = backend.stats
     metrics = {"trees": len(records), "successful_trees": len(ok), "success_rate": len(ok) / max(1, len(records)),
@@ -160,49 +167,94 @@ def run_refine(params: Any, root: Path, name: str) -> None:
                "unparseable_refinements": sum(r.get("unparseable", 0) for r in records),
                "prefill_tokens": stats.get("prefill_tokens", 0), "generated_tokens": stats["generated_tokens"],
                "tokens_per_second": stats["generated_tokens"] / stats["seconds"] if stats["seconds"] else 0.0}
+    return records, metrics
+
+
+def run_refine(params: Any, root: Path, name: str) -> None:
+    records, metrics = _search(params, root, name, single_refinement=False, seed=params.seed)
     write_jsonl(root / spar.data_dir(name) / "trees.jsonl", records)
     write_json(root / spar.data_dir(name) / "refine_metrics.json", metrics)
     mlflow.log_metrics(metrics)
 
 
-def run_pairs(params: Any, root: Path, name: str) -> None:
+def _log_pairs(pairs: list[dict], metrics: dict, out: Path) -> None:
     import pandas as pd
 
-    s, d = params.spar, root / spar.data_dir(name)
-    pairs, rft = spar.build_pairs(read_jsonl(d / "judged.jsonl"), read_jsonl(d / "trees.jsonl"), s.ablation,
-                                  s.max_refinement_examples, s.max_judgment_examples)
-    write_jsonl(d / "dpo.jsonl", pairs)
-    write_jsonl(d / "refiner_sft.jsonl", rft)
-    metrics = {"dpo_pairs": len(pairs), "refiner_refinements": sum(r["kind"] == "refinement" for r in rft),
-               "refiner_judgments": sum(r["kind"] == "judgment" for r in rft)}
-    write_json(d / "pairs_metrics.json", metrics)
+    write_json(out, metrics)
     mlflow.log_metrics(metrics)
     if pairs:
         mlflow.log_table(pd.DataFrame(pairs)[["prompt", "chosen", "rejected"]], "dpo_pairs.json")
 
 
-def _train(params: Any, root: Path, name: str, role: str, train) -> None:
-    """Train from the previous iteration's model; with no examples, carry that model forward unchanged."""
-    cfg = (params.spar.dpo if role == "actor" else params.spar.refiner_sft).value()
+def run_pairs(params: Any, root: Path, name: str) -> None:
+    from closedloop.methods.spar_data import dpo_pairs, refiner_rft_set
+
+    s, d = params.spar, root / spar.data_dir(name)
+    judged, trees = read_jsonl(d / "judged.jsonl"), read_jsonl(d / "trees.jsonl")
+    pairs = dpo_pairs(trees)
+    rft = refiner_rft_set(judged, trees, s.max_refinement_examples, s.max_judgment_examples)
+    write_jsonl(d / "dpo.jsonl", pairs)
+    write_jsonl(d / "refiner_sft.jsonl", rft)
+    judgments = [r for r in rft if r["kind"] == "judgment"]
+    _log_pairs(pairs, {"dpo_pairs": len(pairs), "refiner_refinements": len(rft) - len(judgments),
+                       "refiner_judgments": len(judgments), "refiner_judgments_yes": sum(r["verdict"] for r in judgments),
+                       "refiner_judgments_from_samples": sum(r["source"] == "samples" for r in judgments)},
+               d / "pairs_metrics.json")
+
+
+def run_ablation_data(params: Any, root: Path, kind: str) -> None:
+    """An ablation's DPO pairs from its iteration's judged samples: no_tree refines each failing
+    response once (no tree), no_refine pairs the best and worst sample (no refinement)."""
+    s, of, seed = params.spar, params.spar.ablations[kind]["of"], params.seed + 7
+    # what no_tree's search reads, declared for either kind (DVC cannot declare per kind)
+    _ = s.iterations[of], s.tree.value(), s.judge.value(), s.batch_size, params.model.dtype, params.model.trust_remote_code
+    out = root / spar.ablation_dir(kind)
+    metrics: dict = {}
+    trees: list[dict] = []
+    if kind == "no_tree":
+        trees, metrics = _search(params, root, of, single_refinement=True, seed=seed)
+    pairs = spar.ablation_pairs(read_jsonl(root / spar.data_dir(of) / "judged.jsonl"), trees, kind)
+    write_jsonl(out / "trees.jsonl", trees)
+    write_jsonl(out / "dpo.jsonl", pairs)
+    _log_pairs(pairs, metrics | {"dpo_pairs": len(pairs)}, out / "pairs_metrics.json")
+
+
+def run_ablation_actor(params: Any, root: Path, kind: str) -> None:
+    """The ablation's actor: DPO from the actor its iteration starts from, on the ablation's pairs."""
+    start = spar.model_dir(params.spar.ablations[kind]["start"], "actor")
+    _train_from(params, root / start, root / spar.ablation_dir(kind) / "dpo.jsonl", root / spar.ablation_model_dir(kind),
+                root / spar.ablation_dir(kind) / "actor_train_metrics.json", params.spar.dpo.value(), train_actor)
+
+
+def _train_from(params: Any, start: Path, examples: Path, out: Path, metrics_out: Path, cfg: Any, train) -> None:
+    """Train `start` on the examples file into `out`; with no examples, carry `start` forward unchanged."""
     seed, dtype = params.seed, params.model.dtype  # read whether or not there is anything to train on
-    start, out = root / spar.model_dir(_prev(params, name), role), root / spar.model_dir(name, role)
-    examples = read_jsonl(root / spar.data_dir(name) / ("dpo.jsonl" if role == "actor" else "refiner_sft.jsonl"))
-    if not examples:
+    rows = read_jsonl(examples)
+    if not rows:
         copy_model(start, out)
         metrics: dict = {"train_examples": 0}
     else:
         with atomic_dir(out) as tmp:
-            metrics = train(start, examples, tmp, cfg, seed, dtype)
-    log_training(metrics, root / spar.data_dir(name) / f"{role}_train_metrics.json")
+            metrics = train(start, rows, tmp, cfg, seed, dtype)
+    log_training(metrics, metrics_out)
+
+
+def _train(params: Any, root: Path, name: str, role: str, train) -> None:
+    """Train from the previous iteration's model."""
+    cfg = (params.spar.dpo if role == "actor" else params.spar.refiner_sft).value()
+    examples = root / spar.data_dir(name) / ("dpo.jsonl" if role == "actor" else "refiner_sft.jsonl")
+    _train_from(params, root / spar.model_dir(_prev(params, name), role), examples, root / spar.model_dir(name, role),
+                root / spar.data_dir(name) / f"{role}_train_metrics.json", cfg, train)
+
+
+def train_actor(start: Path, pairs: list[dict], out: Path, cfg: Any, seed: int, dtype: str) -> dict:
+    from closedloop.feedback.dpo import train_dpo
+
+    return train_dpo(start, spar.dpo_examples(pairs), out, cfg, seed=seed, dtype=dtype)
 
 
 def run_actor(params: Any, root: Path, name: str) -> None:
-    from closedloop.feedback.dpo import train_dpo
-
-    def train(start, pairs, out, cfg, seed, dtype):
-        return train_dpo(start, spar.dpo_examples(pairs), out, cfg, seed=seed, dtype=dtype)
-
-    _train(params, root, name, "actor", train)
+    _train(params, root, name, "actor", train_actor)
 
 
 def train_refiner(start: Path, examples: list[dict], out: Path, cfg: Any, seed: int, dtype: str) -> dict:
@@ -226,7 +278,8 @@ def _judge_held_out(params: Any, root: Path, backend: Any, seed: int, out: str) 
     responses for every judge, so judges pair up); writes one record per response to
     data/spar/judge/<out>/records.jsonl (`judge_accuracy`: correct against the rules). Returns
     (the judge, generations per judgment, its accuracy metrics)."""
-    from closedloop.methods.spar_data import judge_accuracy
+    from closedloop.evaluate.compare import CLUSTER_KEY
+    from closedloop.methods.spar_data import judge_accuracy, judging_scores
     from closedloop.verifiers import get_verifier
     from closedloop.verifiers.judge import from_verdict
 
@@ -236,8 +289,8 @@ def _judge_held_out(params: Any, root: Path, backend: Any, seed: int, out: str) 
     decisions = [from_verdict(v).decision for v in judge.verify_batch(rows)]
     gold = [r["strict"]["follow_all_instructions"] for r in rows]
     write_jsonl(root / JUDGE_DIR / out / "records.jsonl", [
-        {"suite": spar.JUDGING_SUITE, "key": r["key"], "decision": d, "gold": g,
-         "scores": {"judge_accuracy": [float(d is not None and d == g), 1.0]}}
+        {"suite": spar.JUDGING_SUITE, "key": r["key"], "decision": d, "gold": g, "scores": judging_scores(d, g, gold),
+         **({CLUSTER_KEY: r[CLUSTER_KEY]} if CLUSTER_KEY in r else {})}  # resampled as eval's records are
         for r, d, g in zip(rows, decisions, gold)])
     return judge, cost, judge_accuracy(decisions, gold)
 
@@ -294,4 +347,5 @@ def _search_at_inference(params: Any, results: list[dict], judged: list, refiner
 
 STAGES = {"spar_init": run_init, "spar_sample": run_sample, "spar_judge": run_judge, "spar_refine": run_refine,
           "spar_pairs": run_pairs, "spar_actor": run_actor, "spar_refiner": run_refiner, "spar_eval": run_eval,
-          "spar_eval_init": run_eval_init}
+          "spar_eval_init": run_eval_init, "spar_ablation_data": run_ablation_data,
+          "spar_ablation_actor": run_ablation_actor}

@@ -24,14 +24,16 @@ from closedloop.verifiers.ifeval_rules import INSTRUCTION_IDS, check
 GenerateFn = Callable[[list[list[dict]], int], list[list[str]]]
 
 def judge_messages(prompt: str, response: str) -> list[dict]:
-    """Chat asking for a step-by-step constraint check ending in `Verdict: yes` or `Verdict: no`."""
+    """Chat asking for a compact check, one short line per constraint, ending in `Verdict: yes|no`.
+
+    Compact so that a judgment fits a small vote cap with its verdict (the effect run samples 64
+    tokens per vote): `rule_judgment_text` is the same format, which the starting refiner learns."""
     content = (
         "Does the response follow ALL constraints in the instruction?\n\n"
         f"### Instruction\n{prompt}\n\n### Response\n{response}\n\n"
         "### Task\n"
-        "1. List every constraint in the instruction.\n"
-        "2. Check each constraint against the response, step by step.\n"
-        "3. End with one final line, exactly `Verdict: yes` if the response follows every constraint, "
+        "For each constraint write one short line: a few words naming it, then `: met` or `: not met`. "
+        "Then write one final line, exactly `Verdict: yes` if the response follows every constraint, "
         "or `Verdict: no` if it breaks any."
     )
     return [{"role": "user", "content": content}]
@@ -148,17 +150,22 @@ def rule_judgment(sample: dict, explain: bool = False) -> JudgeResult:
     return JudgeResult(decision=ok, value=float(ok), votes=[ok], texts=texts, source="rules")
 
 
-def rule_judgment_text(sample: dict, followed: Sequence[bool]) -> str:
-    """What a judge that knows the rules writes, in the steps `judge_messages` asks for: the
-    constraints, each checked, and the verdict. SPaR initialises its refiner by SFT on a stronger
-    judge's judgments (GPT-4o in the paper); the rules play that judge for that initial data only."""
-    from closedloop.verifiers.ifeval_rules import describe
+def constraint_label(instruction_id: str) -> str:
+    """A few words naming an IFEval instruction: `punctuation:no_comma` -> `no comma`; keywords keep
+    their group (`keywords frequency`), whose bare names would be ambiguous."""
+    group, name = instruction_id.split(":", 1)
+    words = name.replace("_", " ")
+    return f"keywords {words}" if group == "keywords" else words
 
-    constraints = [describe(i, kw) for i, kw in zip(sample["instruction_id_list"], sample["kwargs"])]
-    lines = ["Constraints:", *(f"- {c}" for c in constraints), "Check:",
-             *(f"- {c} {'Met.' if ok else 'Not met.'}" for c, ok in zip(constraints, followed)),
-             f"Verdict: {'yes' if all(followed) else 'no'}"]
-    return "\n".join(lines)
+
+def rule_judgment_text(sample: dict, followed: Sequence[bool]) -> str:
+    """What a judge that knows the rules writes, in `judge_messages`' format: one line per
+    constraint, met or not, then the verdict (about 5 tokens a constraint). SPaR initialises its
+    refiner by SFT on a stronger judge's judgments (GPT-4o in the paper); the rules play that
+    judge for that initial data only."""
+    lines = [f"{constraint_label(i)}: {'met' if ok else 'not met'}"
+             for i, ok in zip(sample["instruction_id_list"], followed)]
+    return "\n".join([*lines, f"Verdict: {'yes' if all(followed) else 'no'}"])
 
 
 def as_verdict(r: JudgeResult) -> Verdict:
