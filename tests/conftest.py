@@ -104,6 +104,7 @@ TINY_PARAMS = {
         "dpo": {"max_length": 128, "batch_size": 2},
         "refiner_sft": {"max_length": 128, "batch_size": 2},
         "eval_search": True,
+        "batch_size": 8,  # trees searched in chunks of 2 roots (closedloop.chunks): the resumable path runs
     },
     "facts": {"num_train": 8, "num_eval": 8},
     "dct": {

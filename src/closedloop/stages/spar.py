@@ -79,14 +79,21 @@ def _model_judge_args(params: Any, backend: Any, seed: int) -> tuple[dict, int]:
 def _judge(params: Any, root: Path, refiner_dir: Path, seed: int):
     """(the judge verifier named by spar.judge.verifier, the refiner's backend or None, generations a
     judgment costs)."""
-    from closedloop.verifiers import Source, get_verifier, verifier_class
+    from closedloop.verifiers import Source, verifier_class
 
-    j = params.spar.judge
-    if verifier_class(j.verifier).source != Source.MODEL:
-        return get_verifier(j.verifier), None, 0  # rule checks cost no generations
-    backend = open_backend(params, root, refiner_dir, params.spar.batch_size)
+    model_judge = verifier_class(params.spar.judge.verifier).source == Source.MODEL
+    backend = open_backend(params, root, refiner_dir, params.spar.batch_size) if model_judge else None
+    return _judge_with(params, backend, seed)
+
+
+def _judge_with(params: Any, backend: Any, seed: int):
+    """(the judge verifier over `backend` (None: a rule verifier), `backend`, generations a judgment costs)."""
+    from closedloop.verifiers import get_verifier
+
+    if backend is None:
+        return get_verifier(params.spar.judge.verifier), None, 0  # rule checks cost no generations
     kwargs, cost = _model_judge_args(params, backend, seed)
-    return get_verifier(j.verifier, **kwargs), backend, cost
+    return get_verifier(params.spar.judge.verifier, **kwargs), backend, cost
 
 
 def run_init(params: Any, root: Path, key: str | None) -> None:
@@ -148,17 +155,29 @@ def run_judge(params: Any, root: Path, name: str) -> None:
     mlflow.log_metrics(metrics)
 
 
-def _search(params: Any, root: Path, name: str, single_refinement: bool, seed: int) -> tuple[list[dict], dict]:
+def _search(params: Any, root: Path, store: Any, name: str, single_refinement: bool,
+            seed: int) -> tuple[list[dict], dict]:
     """Refinement trees from the failing responses of iteration `name`'s judged samples, with the
-    refiner it starts from: (tree records, metrics)."""
+    refiner it starts from: (tree records, metrics). The roots go in chunks that outlive a kill
+    (closedloop.chunks: `store`), each searched with its own seeds."""
+    from closedloop.chunks import CHUNK_BATCHES, in_chunks
+
     s, t = params.spar, params.spar.tree
     judged = read_jsonl(root / spar.data_dir(name) / "judged.jsonl")
     roots = spar.failing_roots(judged, t.roots_per_prompt)
     tree = _tree_params(t, single_refinement)
     refiner = spar.model_dir(_prev(params, name), "refiner")
-    judge, judge_backend, votes = _judge(params, root, refiner, seed + 1)
+    _, judge_backend, votes = _judge(params, root, refiner, seed + 1)
     backend = judge_backend or open_backend(params, root, refiner, s.batch_size)
-    records = spar.refine_trees(roots, _refiner(backend, t, seed + 2), judge, tree, votes) if roots else []
+
+    def work(part: list[dict], index: int) -> list[dict]:
+        chunk_seed = seed + 1000 * index
+        judge = _judge_with(params, judge_backend, chunk_seed + 1)[0]
+        return spar.refine_trees(part, _refiner(backend, t, chunk_seed + 2), judge, tree, votes)
+
+    # roots per chunk: their first level alone is CHUNK_BATCHES / 4 batches of `width` refinements (~21 roots at 64)
+    per_chunk = max(1, CHUNK_BATCHES * s.batch_size // (4 * t.width))
+    records = in_chunks(roots, per_chunk, work, store)
     ok = [r for r in records if r["success"] is not None]
     stats = backend.stats
     metrics = {"trees": len(records), "successful_trees": len(ok), "success_rate": len(ok) / max(1, len(records)),
@@ -171,9 +190,12 @@ def _search(params: Any, root: Path, name: str, single_refinement: bool, seed: i
 
 
 def run_refine(params: Any, root: Path, name: str) -> None:
-    records, metrics = _search(params, root, name, single_refinement=False, seed=params.seed)
-    write_jsonl(root / spar.data_dir(name) / "trees.jsonl", records)
-    write_json(root / spar.data_dir(name) / "refine_metrics.json", metrics)
+    from closedloop.chunks import resumable
+
+    with resumable(root, f"spar_refine@{name}") as store:
+        records, metrics = _search(params, root, store, name, single_refinement=False, seed=params.seed)
+        write_jsonl(root / spar.data_dir(name) / "trees.jsonl", records)
+        write_json(root / spar.data_dir(name) / "refine_metrics.json", metrics)
     mlflow.log_metrics(metrics)
 
 
@@ -205,17 +227,20 @@ def run_pairs(params: Any, root: Path, name: str) -> None:
 def run_ablation_data(params: Any, root: Path, kind: str) -> None:
     """An ablation's DPO pairs from its iteration's judged samples: no_tree refines each failing
     response once (no tree), no_refine pairs the best and worst sample (no refinement)."""
+    from closedloop.chunks import resumable
+
     s, of, seed = params.spar, params.spar.ablations[kind]["of"], params.seed + 7
     # what no_tree's search reads, declared for either kind (DVC cannot declare per kind)
     _ = s.iterations[of], s.tree.value(), s.judge.value(), s.batch_size, params.model.dtype, params.model.trust_remote_code
     out = root / spar.ablation_dir(kind)
     metrics: dict = {}
     trees: list[dict] = []
-    if kind == "no_tree":
-        trees, metrics = _search(params, root, of, single_refinement=True, seed=seed)
-    pairs = spar.ablation_pairs(read_jsonl(root / spar.data_dir(of) / "judged.jsonl"), trees, kind)
-    write_jsonl(out / "trees.jsonl", trees)
-    write_jsonl(out / "dpo.jsonl", pairs)
+    with resumable(root, f"spar_ablation_data@{kind}") as store:
+        if kind == "no_tree":
+            trees, metrics = _search(params, root, store, of, single_refinement=True, seed=seed)
+        pairs = spar.ablation_pairs(read_jsonl(root / spar.data_dir(of) / "judged.jsonl"), trees, kind)
+        write_jsonl(out / "trees.jsonl", trees)
+        write_jsonl(out / "dpo.jsonl", pairs)
     _log_pairs(pairs, metrics | {"dpo_pairs": len(pairs)}, out / "pairs_metrics.json")
 
 
