@@ -266,15 +266,16 @@ def format_status(st: dict[str, Any]) -> str:
     def secs(x: float | None) -> str:
         return "" if x is None else f"{x / 60:.1f} min" if x >= 90 else f"{x:.0f} s"
 
+    width = max([28, *(len(r["stage"]) + 1 for r in st["rows"])])
     lines = [f"effect run {st['run']}: attempt {st['attempt']}, {st['state']}   (log: {st['log']})",
-             f"{'stage':<28} {'state':<8} {'time':>9}  progress / estimate"]
+             f"{'stage':<{width}} {'state':<8} {'time':>9}  progress / estimate"]
     for r in st["rows"]:
         extra = ""
         if r.get("progress"):
             extra = describe(r["progress"])
         elif r["state"] in ("pending", "running") and r["estimate"] is not None:
             extra = f"~{secs(r['estimate'])} last time"
-        lines.append(f"{r['stage']:<28} {r['state']:<8} {secs(r['seconds']):>9}  {extra}".rstrip())
+        lines.append(f"{r['stage']:<{width}} {r['state']:<8} {secs(r['seconds']):>9}  {extra}".rstrip())
     if st["state"] == "running":
         pending = [r for r in st["rows"] if r["state"] == "pending"]
         if pending and len(st["unestimated"]) == len(pending):
