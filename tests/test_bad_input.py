@@ -131,6 +131,9 @@ CASES = [
     Case("dvc-yaml-unknown-target", [sys.executable, "flows/pipeline.py", "--target", "nosuch"], ["dvc.yaml", "'nosuch'"]),
     Case("dvc-yaml-unknown-stage-command", ["closedloop", "stage", "nosuch"], ["nosuch"],
          edit=edit_dvc_yaml(lambda d: d["stages"].__setitem__("nosuch", {"cmd": "closedloop stage nosuch"}))),
+    # a foreach group's name instead of one of its stages: the stages that exist are named
+    Case("stage-group-without-key", ["closedloop", "stage", "eval"], ["dvc.yaml", "'eval'", "eval@base"]),
+    Case("stage-group-of-one-without-key", ["closedloop", "stage", "spar_sample"], ["dvc.yaml", "spar_sample@it1"]),
     Case("dvc-yaml-corrupt-stage", ["closedloop", "stage", "prepare"], ["dvc.yaml:3", "did not find"],
          edit=lambda root, tmp: (root / "dvc.yaml").write_text("stages:\n  prepare: {cmd: [\n")),
     Case("dvc-yaml-stage-removed", ["closedloop", "stage", "prepare"], ["dvc.yaml", "prepare"],

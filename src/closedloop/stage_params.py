@@ -26,14 +26,18 @@ def declared_params(root: Path, stage: str) -> set[str]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    from closedloop.errors import dvc_error
+    from closedloop.errors import UserError, dvc_error
 
     try:
         with Repo(str(root)) as repo:
             # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
-            (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
+            found = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
     except DvcException as e:
         raise dvc_error(e) from None
+    if [s.name for s in found] != [stage]:  # a foreach group's name: DVC returns its members
+        raise UserError(f"dvc.yaml: stage {stage!r} is a group; run one of its stages: "
+                        f"{', '.join(s.name for s in found) or '(none: its foreach is empty)'}")
+    (resolved,) = found
     keys: set[str] = set()
     for dep in resolved.deps:
         if isinstance(dep, ParamsDependency):
