@@ -43,6 +43,17 @@ def test_stale_temporaries_are_removed_by_the_next_write(tmp_path):
     assert not stale.exists()
 
 
+def test_a_swap_killed_between_its_renames_is_cleaned_up_by_the_next(tmp_path):
+    """atomic_dir moves the old directory aside, then the new one in: a kill between the two renames
+    leaves `.model.old` (and no `model`); the next write of `model` removes it."""
+    out = tmp_path / "model"
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "w").write_text("v0")
+    with atomic_dir(out) as tmp:
+        (tmp / "w").write_text("v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "w").read_text() == "v1"
+
+
 def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])

@@ -25,8 +25,10 @@ def is_main_process() -> bool:
 
 
 def remove_stale_tmp(path: Path) -> None:
-    """Remove temporaries that a killed earlier run left beside `path`."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    """Remove temporaries that a killed earlier run left beside `path`: its temporary files and
+    directories, and the previous version `atomic_dir` moves aside while it swaps (`.name.old`,
+    left behind by a kill between its two renames)."""
+    for stale in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_name(f".{path.name}.old")]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
