@@ -159,6 +159,8 @@ CASES = [
     Case("verify-missing", VERIFY, ["in.jsonl", "not found"]),
     Case("verify-invalid-json", VERIFY, ["in.jsonl:2", "invalid JSON"], files={"in.jsonl": ROW + "\n{oops\n"}),
     Case("verify-array-row", VERIFY, ["in.jsonl:1", "JSON object"], files={"in.jsonl": "[1, 2]\n"}),
+    Case("verify-duplicate-key", VERIFY, ["in.jsonl:2", "duplicate key 'response'"],
+         files={"in.jsonl": ROW + "\n" + ROW[:-1] + ', "response": "again"}\n'}),
     Case("verify-binary", VERIFY, ["in.jsonl:1", "UTF-8"], files={"in.jsonl": b"\x89PNG\r\n\x1a\n\x00\xff"}),
     Case("verify-utf16", VERIFY, ["in.jsonl:1", "UTF-8"], files={"in.jsonl": (ROW + "\n").encode("utf-16")}),
     Case("verify-empty", VERIFY, ["in.jsonl", "no rows"], files={"in.jsonl": ""}),

@@ -54,6 +54,20 @@ def test_a_swap_killed_between_its_renames_is_cleaned_up_by_the_next(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "w").read_text() == "v1"
 
 
+def test_jsonl_from_other_tools_a_bom_is_read_a_duplicate_key_is_refused(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\r\n{"a": 2}\r\n')  # as Excel and some editors save UTF-8
+    assert read_jsonl(bom) == [{"a": 1}, {"a": 2}]
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"a": 1}\n{"key": 1, "prompt": "x", "key": 2}\n')
+    with pytest.raises(UserError, match=r"twice.jsonl:2: duplicate key 'key'"):
+        read_jsonl(twice)
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"kwargs": [{"n": 1, "n": 2}]}\n')
+    with pytest.raises(UserError, match=r"nested.jsonl:1: duplicate key 'n'"):
+        read_jsonl(nested)
+
+
 def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])

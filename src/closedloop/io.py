@@ -6,6 +6,7 @@ only when complete, so a killed stage never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -107,6 +108,20 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object hook: a key twice in one object is an error (json keeps the last silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line; a malformed line raises UserError naming file:line."""
     path = Path(path)
@@ -114,6 +129,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise UserError(f"{path}: " + ("expected a JSONL file, got a directory" if path.is_dir() else "file not found"))
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as some editors and Excel write UTF-8
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -122,9 +139,12 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got invalid JSON ({e.msg})") from None
+            except DuplicateKey as e:
+                raise UserError(f"{path}:{lineno}: duplicate key {e.args[0]!r} in one JSON object "
+                                "(JSON readers disagree on which value wins)") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
