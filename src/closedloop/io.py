@@ -150,6 +150,30 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, row
 
 
+def iter_param_jsonl(path: str | Path, param: str) -> Iterator[tuple[int, dict]]:
+    """`iter_jsonl` of a file a param names: every error names the param first."""
+    try:
+        yield from iter_jsonl(path)
+    except UserError as e:
+        raise UserError(f"{param}: {e}") from None
+
+
+def read_prompt_rows(path: str | Path, param: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows of a prompts file a param names, each with a non-empty string
+    `prompt`; one error naming the param, file:line and what was found otherwise."""
+    rows = []
+    for lineno, row in iter_param_jsonl(path, param):
+        if limit is not None and len(rows) >= limit:
+            break
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"{param}: {path}:{lineno}: prompt: expected a non-empty string, got {prompt!r}")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{param}: {path}: no rows; expected one {{\"prompt\": ...}} object per line")
+    return rows
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file; a malformed line raises UserError naming the file and line number."""
     return [row for _, row in iter_jsonl(path)]

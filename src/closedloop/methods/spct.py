@@ -184,11 +184,11 @@ def example_from_row(row: Any, index: int, where: str, rng: random.Random) -> di
 
 
 def load_pair_file(path: Path, where: str, seed: int) -> list[dict]:
-    from closedloop.io import iter_jsonl
+    from closedloop.io import iter_param_jsonl
 
     rng = random.Random(seed)
     out = [example_from_row(row, i, f"{where}: {path.name}:{lineno}", rng)
-           for i, (lineno, row) in enumerate(iter_jsonl(path))]
+           for i, (lineno, row) in enumerate(iter_param_jsonl(path, where))]
     if not out:
         raise UserError(f"{where}: {path.name}: no examples; expected one JSON object per line")
     return out

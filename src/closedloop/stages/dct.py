@@ -24,7 +24,7 @@ from typing import Any
 import mlflow
 
 from closedloop.errors import UserError
-from closedloop.io import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
+from closedloop.io import atomic_dir, iter_param_jsonl, read_jsonl, write_json, write_jsonl
 from closedloop.methods import dct
 from closedloop.stages.common import log_training, open_backend
 
@@ -34,7 +34,7 @@ DATA = Path("data/dct")
 def _texts(path: Path, key: str, where: str) -> list[str]:
     """The non-empty string `key` of every line of a jsonl file; one error naming file:line otherwise."""
     out = []
-    for lineno, row in iter_jsonl(path):
+    for lineno, row in iter_param_jsonl(path, where):
         value = row.get(key) if isinstance(row, dict) else None
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"{where}: {path.name}:{lineno}: {key}: expected a non-empty string, got {value!r}")

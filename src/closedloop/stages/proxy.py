@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 
 from closedloop.errors import UserError
-from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from closedloop.io import atomic_dir, read_jsonl, read_prompt_rows, write_json, write_jsonl
 from closedloop.methods import proxy
 from closedloop.stages.common import chat, eval_records, log_training, open_backend
 
@@ -35,9 +35,7 @@ def run_small(params: Any, root: Path, key: str | None) -> None:
     from closedloop.models import load_model
 
     s = params.proxy.small
-    rows = read_jsonl(root / s.prompts)[: s.max_prompts]
-    if not rows or any("prompt" not in r for r in rows):
-        raise UserError(f"proxy.small.prompts: {s.prompts}: expected rows with a `prompt`")
+    rows = read_prompt_rows(root / s.prompts, "proxy.small.prompts", s.max_prompts)
     backend = open_backend(params, root, "models/base", params.proxy.batch_size)
     outs = backend.generate([chat(r["prompt"]) for r in rows],
                             SamplingParams(n=1, temperature=s.temperature, top_p=1.0, max_new_tokens=s.max_new_tokens,

@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 
 from closedloop.errors import UserError
-from closedloop.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from closedloop.io import atomic_dir, read_jsonl, read_prompt_rows, write_json, write_jsonl
 from closedloop.methods import rlhf
 from closedloop.stages.common import chat, eval_records, log_training, open_backend, scored_samples
 
@@ -122,9 +122,7 @@ def run_policy(params: Any, root: Path, key: str | None) -> None:
     from closedloop.feedback.ppo import train_ppo
 
     a = params.rlhf.policy.value()  # the algorithm decides which keys matter: declared and read whole
-    rows = read_jsonl(root / a.prompts)[: a.max_prompts]
-    if not rows or any("prompt" not in r for r in rows):
-        raise UserError(f"rlhf.policy.prompts: {a.prompts}: expected rows with a `prompt`")
+    rows = read_prompt_rows(root / a.prompts, "rlhf.policy.prompts", a.max_prompts)
     prompts = [chat(r["prompt"]) for r in rows]
     reward = _RewardModel(root / MODELS / "rm", params.model.dtype, params.rlhf.batch_size,
                           params.rlhf.prefs.max_chars)

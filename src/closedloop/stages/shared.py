@@ -40,7 +40,10 @@ def run_prepare(params: Any, root: Path, key: str | None) -> None:
     from closedloop.suite import build_suite, load_seed_tasks
 
     p = params.prepare
-    seeds = load_seed_tasks(root / p.seeds)
+    try:
+        seeds = load_seed_tasks(root / p.seeds)
+    except UserError as e:
+        raise UserError(f"prepare.seeds: {e}") from None
     train, evalset = build_suite(seeds, p.num_train, p.num_eval, p.min_constraints, p.max_constraints, params.seed)
     write_jsonl(root / TRAIN, train)
     write_jsonl(root / EVAL, evalset)
