@@ -175,6 +175,8 @@ CASES = [
     Case("verify-input-is-dir", ["closedloop", "verify", "{tmp}", "-o", "{tmp}/out.jsonl"], ["directory"]),
     # held-out prompts (evaluate.prompts)
     Case("prompts-missing", EVAL, ["evaluate.prompts", "prompts.jsonl", "not found"], params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}),
+    Case("prompts-duplicate-key", EVAL, ["evaluate.prompts", "prompts.jsonl:2", "key 1 repeats line 1"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": PROMPT_ROW + "\n" + PROMPT_ROW + "\n"}),
     Case("prompts-invalid-line", EVAL, ["evaluate.prompts", "prompts.jsonl:2", "invalid JSON"],
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": PROMPT_ROW + "\nnot json\n"}),
     Case("prompts-no-instructions", EVAL, ["prompts.jsonl:1", "instruction_id_list"],

@@ -326,7 +326,13 @@ def load_eval_rows(path: str | Path, limit: int | None, seed: int) -> list[dict]
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory; expected an IFEval-format jsonl file")
-    rows = [_check_eval_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
+    rows, lines = [], {}
+    for lineno, row in iter_jsonl(path):
+        rows.append(_check_eval_row(row, f"{path}:{lineno}"))
+        key = str(row["key"])  # as the comparison joins models' records by it
+        if key in lines:
+            raise UserError(f"{path}:{lineno}: key {row['key']!r} repeats line {lines[key]} (records are joined by key)")
+        lines[key] = lineno
     if not rows:
         raise UserError(f"{path}: no rows; expected IFEval-format lines (key, prompt, instruction_id_list, kwargs)")
     return deterministic_subset(rows, limit, seed)
