@@ -123,6 +123,10 @@ CASES = [
     Case("params-dct-bad-oversize", PARAMS, ["params.yaml", "dct.consistency.oversize"],
          params={"dct": {"consistency": {"oversize": "truncate"}}}),
     Case("params-facts-hub-without-dataset", PARAMS, ["params.yaml", "facts.hub.dataset"], params={"facts": {"source": "hub"}}),
+    Case("params-empty-experiment", PARAMS, ["params.yaml", "tracking.experiment", "non-empty"],
+         params={"tracking": {"experiment": " "}}),
+    Case("params-unknown-tracking-scheme", PARAMS, ["params.yaml", "tracking.tracking_uri", "bogus://x"],
+         params={"tracking": {"tracking_uri": "bogus://x"}}),
     Case("params-bad-claim-format", PARAMS, ["params.yaml", "evaluate.claim_format"],
          params={"evaluate": {"claim_format": "essay"}}),
     # dvc.yaml edits

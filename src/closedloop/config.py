@@ -161,6 +161,20 @@ class TrackingParams:
     experiment: str = "closedloop"
     tracking_uri: str | None = None  # None: sqlite:///<project root>/mlflow.db
 
+    def __post_init__(self) -> None:
+        # checked here, not by MLflow minutes later in the first stage (with a traceback)
+        if not self.experiment.strip():
+            raise FieldError("experiment", "expected a non-empty experiment name")
+        if self.tracking_uri is not None and "://" in self.tracking_uri:  # no scheme: a local path, as MLflow takes it
+            scheme = self.tracking_uri.split("://", 1)[0]
+            if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+                raise FieldError("tracking_uri", f"expected a URI with one of the schemes {', '.join(TRACKING_SCHEMES)} "
+                                                 f"(e.g. sqlite:///mlflow.db, http://127.0.0.1:5000), got {self.tracking_uri!r}")
+
+
+# MLflow's tracking stores: files, databases (SQLAlchemy dialects, with an optional +driver), a server
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
 
 # ----------------------------------------------------------------------------------------------
 # Training settings shared by every trainer (SFT, DPO, and the trainers later methods add)
