@@ -55,6 +55,26 @@ def check_verifier_name(name: str) -> None:
         raise FieldError("verifier", f"expected a registered verifier ({', '.join(known)}), got {name!r}")
 
 
+def check_verifier_args(name: str, args: dict) -> None:
+    """A method's `verifier_args` fit the verifier's constructor; a program verifier (pure, cheap to
+    build) is built with them, so a bad value fails here rather than at its stage."""
+    import inspect
+
+    from closedloop.errors import UserError
+    from closedloop.verifiers import Source, verifier_class
+
+    factory = verifier_class(name)
+    accepted = [p for p in inspect.signature(factory).parameters if p not in ("self", "args", "kwargs")]
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise FieldError(f"verifier_args.{unknown[0]}", f"{name} takes: {', '.join(accepted) or 'no arguments'}")
+    if getattr(factory, "source", None) == Source.PROGRAM:
+        try:
+            factory(**args)
+        except UserError as e:
+            raise FieldError("verifier_args", str(e)) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared sections
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from closedloop.config import SFTParams, bounds, check_verifier_name
+from closedloop.config import SFTParams, bounds, check_verifier_args, check_verifier_name
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RFTConfig:
 
     def __post_init__(self) -> None:
         check_verifier_name(self.verifier)
+        check_verifier_args(self.verifier, self.verifier_args)
 
 
 CONFIG = RFTConfig
