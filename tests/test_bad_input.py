@@ -7,6 +7,7 @@ marked FAILED: that is the record of the attempt, not an output)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,11 @@ CASES = [
     Case("params-dct-bad-oversize", PARAMS, ["params.yaml", "dct.consistency.oversize"],
          params={"dct": {"consistency": {"oversize": "truncate"}}}),
     Case("params-facts-hub-without-dataset", PARAMS, ["params.yaml", "facts.hub.dataset"], params={"facts": {"source": "hub"}}),
+    # a path param naming something that is not a file or a directory: reading it would block forever
+    Case("params-path-is-a-fifo", PARAMS, ["params.yaml", "evaluate.prompts", "a FIFO"],
+         params={"evaluate": {"prompts": "{tmp}/fifo"}}, edit=lambda root, tmp: os.mkfifo(tmp / "fifo")),
+    Case("params-path-is-a-device", PARAMS, ["params.yaml", "evaluate.claims", "/dev/zero", "a device"],
+         params={"evaluate": {"claims": "/dev/zero"}}),
     Case("params-rft-verifier-args", PARAMS, ["params.yaml", "rft.verifier_args", "'lenient'"],
          params={"rft": {"verifier_args": {"mode": "lenient"}}}),
     Case("params-rft-verifier-unknown-arg", PARAMS, ["params.yaml", "rft.verifier_args.mood", "mode, threshold"],

@@ -500,7 +500,27 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     shared = {k: v for k, v in data.items() if k not in methods}
     params = build_section(Params, shared, "", path.name)
     params.methods = {name: build_section(cls, data.get(name, {}), name, path.name) for name, cls in methods.items()}
+    _check_path_kinds(params, path)
     return params
+
+
+def _check_path_kinds(params: Params, path: Path) -> None:
+    """A path param that exists names a regular file or a directory: DVC (hashing its deps) and the
+    stages would block forever reading a FIFO or a device. (One that does not exist yet may be an
+    output of an earlier stage: its reader says so when the time comes.)"""
+    import os
+    import stat
+
+    for key, value in path_params(params).items():
+        target = Path(value) if Path(value).is_absolute() else path.parent / value
+        try:
+            mode = os.stat(target).st_mode  # never opens it: a FIFO does not block here
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+            raise UserError(f"{path.name}: {key}: {value}: expected a file or a directory, got {kind}")
 
 
 def path_params(params: Params) -> dict[str, str]:
