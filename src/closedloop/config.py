@@ -500,13 +500,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     shared = {k: v for k, v in data.items() if k not in methods}
     params = build_section(Params, shared, "", path.name)
     params.methods = {name: build_section(cls, data.get(name, {}), name, path.name) for name, cls in methods.items()}
-    for name, cfg in params.methods.items():  # what a method's params say about the shared sections
-        check = getattr(cfg, "check_with", None)
-        if check is not None:
-            try:
-                check(params)
-            except FieldError as e:
-                raise UserError(f"{path.name}: {name}.{e.key}: {e}") from None
     _check_path_kinds(params, path)
     return params
 

@@ -97,12 +97,6 @@ class ProxyConfig:
         if bad := sorted({v for v in self.templates.values()} - {"chat", "raw"}):
             raise FieldError("templates", f"expected values chat or raw, got {bad}")
 
-    def check_with(self, params: Any) -> None:
-        """`tuned` is an evaluate.models entry (its eval@ records are read by name)."""
-        if self.tuned not in params.evaluate.models:
-            raise FieldError("tuned", f"expected an evaluate.models name ({', '.join(params.evaluate.models)}), "
-                                      f"got {self.tuned!r}")
-
     def trio(self) -> dict[str, str]:
         """{role: model location} of this configuration (overrides applied)."""
         if self.configuration == "extrapolate":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from closedloop.config import FieldError, GRPOParams, PPOParams, RewardParams, bounds
 from closedloop.errors import UserError
@@ -84,13 +84,6 @@ class RLHFConfig:
     policy: RLHFPolicyParams = field(default_factory=RLHFPolicyParams)
     eval: RLHFEvalParams = field(default_factory=RLHFEvalParams)
     batch_size: int = field(default=32, metadata=bounds(ge=1, le=4096))  # sequences per scoring batch
-
-    def check_with(self, params: Any) -> None:
-        """The eval names are evaluate.models entries (their eval@ records are read by name)."""
-        for key, value in (("eval.sft_name", self.eval.sft_name), ("eval.policy_name", self.eval.policy_name)):
-            if value not in params.evaluate.models:
-                raise FieldError(key, f"expected an evaluate.models name ({', '.join(params.evaluate.models)}), "
-                                      f"got {value!r}")
 
 
 CONFIG = RLHFConfig
