@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_prefix_reuse.py
 	$(BIN)/python bench/bench_dct_solver.py
 	$(BIN)/python bench/bench_noop.py
+	$(BIN)/python bench/bench_stage_start.py
 
 # MLflow 3.17 opens experiments on its GenAI pages; ?workflowType=machine_learning opens the runs table.
 mlflow-ui: $(STAMP)

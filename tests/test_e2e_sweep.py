@@ -41,6 +41,7 @@ def swept(tmp_path_factory, tiny_model_dir):
                    env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                         "GIT_COMMITTER_EMAIL": "t@t", "PATH": project_env(root, root)["PATH"]})
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
+    env.pop("CLOSEDLOOP_STAGE_SERVER")  # a user's plain `dvc exp run`: each stage a process of its own
     dvc(root, env, "exp", "run", "-n", "ns3", "-S", "rft.num_samples=3", "eval@rft")
     dvc(root, env, "exp", "run", "--queue", "-S", "rft.num_samples=5,6", "eval@rft")  # a grid: 2 experiments
     dvc(root, env, "exp", "run", "--run-all", "-j", "1")

@@ -37,6 +37,7 @@ def test_killed_stage_leaves_nothing_and_resumes_to_the_same_bytes(tmp_path_fact
                           prepare=dict(TINY_PARAMS["prepare"], num_train=40),
                           rft=dict(TINY_PARAMS["rft"], num_samples=2, batch_size=2, max_new_tokens=24)))
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
+    env.pop("CLOSEDLOOP_STAGE_SERVER")  # a user's plain `dvc repro`: each stage a process of its own
     dvc(root, env, "repro", "rft_sample")
     reference = md5(root / SAMPLES)
     assert len((root / SAMPLES).read_text().splitlines()) == 80

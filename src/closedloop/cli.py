@@ -47,6 +47,12 @@ def cmd_stage(args: argparse.Namespace) -> None:
         progress.stage_ended(args.name, started, ok)
 
 
+def cmd_stage_server(args: argparse.Namespace) -> None:
+    from closedloop.stage_server import serve
+
+    serve(Path(args.socket))
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     from closedloop.verifiers.ifeval_rules import verify_jsonl
 
@@ -147,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls); it reads params.yaml")
     p.add_argument("name")
     p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("stage-server", help="serve stage processes forked after the heavy imports; "
+                                            "CLOSEDLOOP_STAGE_SERVER=SOCKET sends stages to it")
+    p.add_argument("socket", help="the Unix socket to listen on (created; only this user may connect)")
+    p.set_defaults(func=cmd_stage_server)
     p = sub.add_parser("verify", help="IFEval rule verification of a JSONL of responses")
     p.add_argument("input", help="JSONL with prompt, instruction_id_list, kwargs, response per line")
     p.add_argument("-o", "--output", help="output JSONL (default: INPUT.verified.jsonl)")
@@ -180,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     args = build_parser().parse_args(argv)
+    if args.command == "stage":
+        from closedloop.stage_server import run_on_server
+
+        code = run_on_server(["closedloop", *argv] if argv is not None else sys.argv)
+        if code is not None:
+            return code
     try:
         args.func(args)
     except UserError as e:
