@@ -4,9 +4,11 @@ shows its row. No mocks: real Prefect flow, DVC graph, MLflow store, tiny model.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import textwrap
 
+import psutil
 import pytest
 import yaml
 
@@ -83,7 +85,9 @@ def plugged(tmp_path_factory, tiny_model_dir, prefect_home):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["models"] = {"base": "models/base", "toy": "models/toy"}  # only this method's row
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root, project_env(root, prefect_home)
+    env = project_env(root, prefect_home)
+    env.pop("CLOSEDLOOP_STAGE_SERVER")  # as a user runs it: the flow starts its own stage server
+    return root, env
 
 
 def test_a_new_method_touches_only_new_files_params_and_dvc_yaml(plugged):
@@ -104,3 +108,8 @@ def test_the_flow_runs_the_new_method_by_target_and_reports_its_row(plugged):
     # scale 1.0 keeps the base's weights: the paired difference is exactly zero
     assert "Δ +0.0 [+0.0, +0.0]" in proc.stdout
     assert (root / "models/toy/model.safetensors").is_file()
+    # every stage forked from the flow's own stage server (the new method's too: closedloop is
+    # imported from the copy's src, where the method lives), and the server ended with the flow
+    log = (root / ".dvc/tmp/closedloop-state/stage-server.log").read_text()
+    assert sorted(re.findall(r"\['stage', '([^']+)'\] in pid", log)) == sorted(stages_run(proc))
+    assert not psutil.pid_exists(int(re.search(r"ready on .* \(pid (\d+)\)", log).group(1)))

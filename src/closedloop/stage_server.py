@@ -15,8 +15,9 @@ of its own would have, signal included. The caller (`closedloop stage NAME`, the
 started) stays for the stage's whole life: a signal it gets is passed on, and if it is killed the
 stage is killed with it, so DVC and `kill` see the stage as before.
 
-Opt-in and never required: `closedloop stage-server SOCKET` serves until the process that started
-it ends; `CLOSEDLOOP_STAGE_SERVER=SOCKET` sends stages there. The stage runs in its own process, as without the variable, when no server
+Never required: `closedloop stage-server SOCKET` serves until the process that started it ends;
+`CLOSEDLOOP_STAGE_SERVER=SOCKET` sends stages there. The Prefect flow starts one for each of its
+runs (`serving`); `dvc repro` and `dvc exp run` use one only where the variable is set. The stage runs in its own process, as without the variable, when no server
 listens there, or when the caller's environment differs from the server's in anything an import
 may have read (only variables read at call time may differ: see PER_CALL).
 """
@@ -28,11 +29,16 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ENV = "CLOSEDLOOP_STAGE_SERVER"
+READY_SECONDS = 300  # a flow waits this long for its server to listen (~7 s alone on 2 cores)
 # What a stage process imports before its work (cProfile of `closedloop stage eval@base`), by
 # module name; a training stage adds TRL's and PEFT's. Third-party only: closedloop itself is
 # imported by each stage from its own sys.path (a project copy may carry different code).
@@ -45,6 +51,9 @@ PRELOAD_ATTRS = ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "LlamaFo
 # Variables read when used, not at import: they may differ between the server and a stage.
 # Everything else (HF_*, OMP_NUM_THREADS, LANG, MLFLOW_*, ...) must be equal, or the stage runs alone.
 PER_CALL = {"PWD", "OLDPWD", "SHLVL", "_", "PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "COLUMNS", "LINES", ENV,
+            # a shell's prompts: an activated venv exports PS1, and the non-interactive shell DVC
+            # runs a stage in drops it
+            "PS1", "PS2", "PS4",
             # MLflow reads these when it opens a run (mlflow.environment_variables: `.get()` per call)
             "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"}
 PER_CALL_PREFIXES = ("DVC_", "PREFECT_", "CLOSEDLOOP_", "PYTEST_", "GIT_")
@@ -58,6 +67,31 @@ def env_difference(server: dict[str, str], caller: dict[str, str], set_by_import
     return sorted(n for n in names if n not in PER_CALL and not n.startswith(PER_CALL_PREFIXES)
                   and server.get(n) != caller.get(n)
                   and not (n in set_by_imports and caller.get(n) in (None, set_by_imports[n])))
+
+
+@contextmanager
+def serving(log: Path) -> Iterator[dict[str, str]]:
+    """A stage server for as long as the caller (a flow run) lasts, its output appended to `log`:
+    yields the variables to give its stages ({} when one is set already, as in the tests), once
+    it listens (its imports take ~7 s, about what the first stage alone would spend on them); if
+    it never does, {} and its stages run alone."""
+    if os.environ.get(ENV):
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="closedloop-stages-") as tmp:  # 0700: this user only
+        sock = Path(tmp) / "socket"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "closedloop", "stage-server", str(sock)],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_SECONDS
+        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:
+            yield {ENV: str(sock)} if sock.exists() else {}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 # ---- the wire: a 4-byte length, then a JSON object ----
