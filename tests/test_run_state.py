@@ -164,3 +164,36 @@ def test_a_loops_count_is_kept_while_its_inner_calls_report(tmp_path, monkeypatc
     state = read()
     assert (state["stage"], state["done"], state["total"], state["detail"]["done"]) == ("rft_sample", 3, 24, 11)
     assert progress.describe(state) == "3/24 search batches (11/60 sequences generated)"
+
+
+def test_a_killed_attempts_copy_is_removed_and_a_live_one_kept(tmp_path):
+    """DVC leaves a SIGKILLed `dvc exp run --temp`'s copy of the commit (and its record, RUNNING)
+    under .dvc/tmp/exps; the next attempt of the same effect run removes it, unless a process
+    still works in it. Other runs' copies, and finished records, are left alone."""
+    from closedloop.effects import DVC_TEMP_RUNS, remove_abandoned_copies
+
+    exps = tmp_path / ".dvc/tmp/exps/standalone"
+
+    def record(rev: str, name: str, status: int) -> Path:
+        copy = exps / f"tmp{rev}"
+        (copy / "models").mkdir(parents=True)
+        (tmp_path / DVC_TEMP_RUNS / rev).mkdir(parents=True)
+        (tmp_path / DVC_TEMP_RUNS / rev / f"{rev}.run").write_text(
+            json.dumps({"root_dir": str(copy), "name": name, "status": status}))
+        return copy
+
+    killed, live, other, done = (record("a", "spar", 2), record("b", "spar", 2), record("c", "rft", 2),
+                                 record("d", "spar", 6))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / DVC_TEMP_RUNS / "e").mkdir()  # a record naming a directory outside .dvc/tmp/exps
+    (tmp_path / DVC_TEMP_RUNS / "e" / "e.run").write_text(json.dumps({"root_dir": str(outside), "name": "spar",
+                                                                       "status": 2}))
+    worker = subprocess.Popen(["sleep", "60"], cwd=live / "models")
+    try:
+        assert remove_abandoned_copies(tmp_path, "spar") == [killed.resolve()]
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not killed.exists() and not (tmp_path / DVC_TEMP_RUNS / "a").exists()
+    assert live.is_dir() and other.is_dir() and done.is_dir() and outside.is_dir()

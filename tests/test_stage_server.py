@@ -88,43 +88,59 @@ def test_an_environment_an_import_may_have_read_runs_the_stage_alone(tiny, stage
     assert proc.returncode == stage(root, plain, "compare").returncode
 
 
-def _forked_stage(server_pid: int, timeout: float = 60) -> psutil.Process:
-    """The stage process the server forked (a child of the watcher, a child of the server), stopped."""
+def _forked_stage(server_pid: int, caller: subprocess.Popen, timeout: float = 60) -> psutil.Process:
+    """The stage process the server forked for `caller` (a child of a watcher, a child of the
+    server, started after the caller: not an earlier test's, which may linger a moment), stopped."""
+    since = psutil.Process(caller.pid).create_time()
     deadline = time.time() + timeout
     while time.time() < deadline:
         for watcher in psutil.Process(server_pid).children():
             try:
                 for p in watcher.children():
-                    p.suspend()  # SIGSTOP: it stays until the test decides
-                    return p
-            except psutil.NoSuchProcess:  # a watcher that has just ended
+                    if p.create_time() >= since and p.status() != psutil.STATUS_ZOMBIE:
+                        p.suspend()  # SIGSTOP: it stays until the test decides
+                        return p
+            except psutil.NoSuchProcess:  # a watcher or stage that has just ended
                 continue
         time.sleep(0.002)
     raise AssertionError("no stage was forked")
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (Linux: the SigCgt mask in /proc)."""
+    mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (sig - 1) & 1)
 
 
 def test_killing_the_caller_kills_the_stage(tiny, stage_server):
     root, _, served = tiny
     caller = subprocess.Popen(["closedloop", "stage", "eval@base"], cwd=root, env=served,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    forked = _forked_stage(stage_server.proc.pid)
+    forked = _forked_stage(stage_server.proc.pid, caller)
     caller.kill()
     caller.wait()
     forked.wait(timeout=10)  # SIGKILLed by the watcher when the caller's end of the socket closed
     assert not forked.is_running()
+    assert f"pid {forked.pid} killed: its caller went away" in stage_server.log.read_text()
 
 
 def test_a_signal_to_the_caller_ends_the_stage_and_the_caller_dies_of_it(tiny, stage_server):
     root, _, served = tiny
     caller = subprocess.Popen(["closedloop", "stage", "eval@base"], cwd=root, env=served,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    forked = _forked_stage(stage_server.proc.pid)
-    time.sleep(0.5)  # the caller has its handlers by now (it waits on the server's reply)
-    caller.send_signal(signal.SIGTERM)  # passed on to the stopped stage, pending until it continues
-    time.sleep(0.5)
-    forked.resume()
+    forked = _forked_stage(stage_server.proc.pid, caller)
+    deadline = time.time() + 60
+    while not _catches(caller.pid, signal.SIGTERM) and time.time() < deadline:  # it has its handlers
+        time.sleep(0.01)
+    caller.send_signal(signal.SIGTERM)  # passed on to the stage: fatal, it ends it even stopped (Linux)
+    try:
+        forked.resume()
+    except psutil.NoSuchProcess:
+        pass
     assert caller.wait(timeout=30) == -signal.SIGTERM  # as DVC would see a stage of its own process end
     assert not forked.is_running()
+    # the stage itself got the SIGTERM (the caller passed it on, then died of the same signal)
+    assert f"pid {forked.pid} ended: {{'signal': {int(signal.SIGTERM)}}}" in stage_server.log.read_text()
 
 
 def test_the_server_ends_with_the_process_that_started_it(tmp_path):

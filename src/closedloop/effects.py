@@ -44,6 +44,10 @@ EXPERIMENTS = Path("experiments")
 RESULTS = Path("results")
 EVAL_DIR = Path("data/eval")
 TAG_EFFECT = "closedloop.effect_run"
+# DVC's record of each `dvc exp run --temp` (dvc/repo/experiments/queue/tempdir.py), and the
+# status a run keeps in it while it runs (TaskStatus.RUNNING): a SIGKILLed run keeps it forever
+DVC_TEMP_RUNS = Path(".dvc/tmp/exps/standalone/run")
+DVC_RUNNING = 2
 # Bootstrap replicates for a results row: the Monte-Carlo error of an interval's 2.5% quantile is
 # then about 0.1 point, where 1,000 left about half a point.
 EFFECT_BOOTSTRAP = 10_000
@@ -162,6 +166,33 @@ def exp_ref(root: Path, name: str) -> str:
 
     head = git_head(root)
     return f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+
+
+def remove_abandoned_copies(root: Path, name: str) -> list[Path]:
+    """Remove the temporary copies that killed attempts of effect run `name` left under
+    .dvc/tmp/exps (the commit's files and the outputs made so far: ~0.5 GB for SPAR). DVC removes
+    a `--temp` run's copy when the run ends; a SIGKILLed run never ends. A copy in which some
+    process still works (an attempt going on) is kept. Returns the copies removed."""
+    import shutil
+
+    import psutil
+
+    exps = (root / ".dvc/tmp/exps").resolve()
+    cwds = [Path(p.info["cwd"]) for p in psutil.process_iter(["cwd"]) if p.info["cwd"]]
+    removed = []
+    for record in sorted((root / DVC_TEMP_RUNS).glob("*/*.run")):
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        copy = Path(info.get("root_dir") or "/").resolve()
+        if (info.get("name") != name or info.get("status") != DVC_RUNNING or exps not in copy.parents
+                or not copy.is_dir() or any(c == copy or copy in c.parents for c in cwds)):
+            continue
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(record.parent, ignore_errors=True)
+        removed.append(copy)
+    return removed
 
 
 def run_experiment(root: Path, spec: EffectSpec, env: dict[str, str], log: Path) -> str:
@@ -295,6 +326,8 @@ def run_effect(root: Path, name: str, extra: dict[str, Any] | None = None, comma
     ensure_cache_dir(root)
     state = RunState.of(root, spec)
     plan = state.start_attempt(root, spec)
+    for copy in remove_abandoned_copies(root, name):
+        print(f"removed {copy}: the copy of the commit a killed attempt of {name} left")
     setup(root, params.tracking.tracking_uri, params.tracking.experiment)  # also ends a killed attempt's runs
     tags = lineage_tags(root, None, str(params.model.base)) | {TAG_KIND: "effect", TAG_EFFECT: name}
     commit = git_commit(root)

@@ -259,15 +259,15 @@ def _watch(conn: socket.socket, base_env: dict[str, str], set_by_imports: dict[s
             break
         try:
             if conn.recv(1) == b"":  # the caller is gone (killed): so is its stage
+                print(f"stage server: pid {pid} killed: its caller went away", file=sys.stderr, flush=True)
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 return
         except TimeoutError:
             pass
-    if os.WIFSIGNALED(status):
-        _send(conn, {"signal": os.WTERMSIG(status)})
-    else:
-        _send(conn, {"exit": os.WEXITSTATUS(status)})
+    end = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
+    print(f"stage server: pid {pid} ended: {end}", file=sys.stderr, flush=True)
+    _send(conn, end)
 
 
 def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
