@@ -215,6 +215,10 @@ def serve(path: Path) -> None:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 try:
                     _watch(conn, base_env, set_by_imports)
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
                 finally:
                     os._exit(0)
             conn.close()
@@ -251,23 +255,36 @@ def _watch(conn: socket.socket, base_env: dict[str, str], set_by_imports: dict[s
     for fd in fds:
         os.close(fd)
     print(f"stage server: {request['argv'][1:]} in pid {pid}", file=sys.stderr, flush=True)
-    _send(conn, {"pid": pid})
+    try:
+        _send(conn, {"pid": pid})
+        end = _supervise(conn, pid)
+    except OSError:  # the caller went away before it heard of its stage, or mid-way
+        end = None
+    if end is None:  # the caller is gone (killed): so is its stage
+        print(f"stage server: pid {pid} killed: its caller went away", file=sys.stderr, flush=True)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return
+    print(f"stage server: pid {pid} ended: {end}", file=sys.stderr, flush=True)
+    try:
+        _send(conn, end)
+    except OSError:
+        pass
+
+
+def _supervise(conn: socket.socket, pid: int) -> dict | None:
+    """Wait for the stage to end: how it ended, or None as soon as its caller's end of the socket
+    closes."""
     conn.settimeout(0.2)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            break
+            return {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
         try:
-            if conn.recv(1) == b"":  # the caller is gone (killed): so is its stage
-                print(f"stage server: pid {pid} killed: its caller went away", file=sys.stderr, flush=True)
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return
+            if conn.recv(1) == b"":
+                return None
         except TimeoutError:
             pass
-    end = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
-    print(f"stage server: pid {pid} ended: {end}", file=sys.stderr, flush=True)
-    _send(conn, end)
 
 
 def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
