@@ -248,10 +248,18 @@ def _watch(conn: socket.socket, base_env: dict[str, str], set_by_imports: dict[s
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    # a signal passed on before the stage has its own handlers waits until it has them (it would
+    # otherwise meet the server's SIGTERM handler)
+    passed_on = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, passed_on)
     pid = os.fork()
     if pid == 0:
-        conn.close()
-        _become_stage(request, fds, set_by_imports)  # never returns
+        try:
+            conn.close()
+            _become_stage(request, fds, set_by_imports, passed_on)  # never returns
+        finally:
+            os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, passed_on)
     for fd in fds:
         os.close(fd)
     print(f"stage server: {request['argv'][1:]} in pid {pid}", file=sys.stderr, flush=True)
@@ -287,7 +295,7 @@ def _supervise(conn: socket.socket, pid: int) -> dict | None:
             pass
 
 
-def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
+def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str], blocked: set) -> None:
     """In the forked process: take on the caller's process state, run its command, exit as a
     Python process does (atexit handlers, flushed streams, the exit status or the signal)."""
     import random
@@ -299,6 +307,7 @@ def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str])
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     os.environ.clear()
