@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from closedloop.stage_server import ENV, serving
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 STAGES = ("prepare", "eval@base")
@@ -59,33 +61,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k != "CLOSEDLOOP_STAGE_SERVER"}
-    env |= {"PATH": bin_dir + os.pathsep + env["PATH"], "HF_HUB_OFFLINE": "1", "CLOSEDLOOP_DVC_CACHE": ".dvc/cache"}
+    # the stages' environment is also the server's (closedloop.stage_server compares them)
+    os.environ.pop(ENV, None)
+    os.environ.update(PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], HF_HUB_OFFLINE="1",
+                      CLOSEDLOOP_DVC_CACHE=".dvc/cache")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = project(tmp)
+        env = dict(os.environ)  # after project(): its torch import sets variables (KMP_*) the server will have
         subprocess.run(["dvc", "repro", "-q", "eval@base"], cwd=root, env=env, check=True, capture_output=True)
-        (tmp / "server").mkdir(mode=0o700)
-        socket_path = tmp / "server" / "socket"
-        server = subprocess.Popen(["closedloop", "stage-server", str(socket_path)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            started = time.perf_counter()
-            while not socket_path.exists():
-                if server.poll() is not None:
-                    sys.exit("the stage server exited before listening")
-                time.sleep(0.1)
+        started = time.perf_counter()
+        with serving(tmp / "server.log") as server_env:
+            if not server_env:
+                sys.exit(f"the stage server did not start: {(tmp / 'server.log').read_text()}")
             print(f"{'server start':24s} {time.perf_counter() - started:6.2f} s (once)")
-            served = env | {"CLOSEDLOOP_STAGE_SERVER": str(socket_path)}
+            served = env | server_env
             results: dict[str, list[float]] = {}
             for _ in range(args.repeats):
                 for stage in STAGES:
                     results.setdefault(f"{stage} alone_s", []).append(timed(root, env, stage))
                     results.setdefault(f"{stage} served_s", []).append(timed(root, served, stage))
-        finally:
-            server.terminate()
-            server.wait()
+        log = (tmp / "server.log").read_text()
+        if "runs alone" in log:
+            sys.exit(f"a stage was not served, the figures compare nothing:\n{log}")
     for k, v in results.items():
         print(f"{k:24s} median {statistics.median(v):6.2f} s   runs {', '.join(f'{x:.2f}' for x in v)}")
     print(json.dumps({k: round(statistics.median(v), 2) for k, v in results.items()}))

@@ -17,9 +17,10 @@ stage is killed with it, so DVC and `kill` see the stage as before.
 
 Never required: `closedloop stage-server SOCKET` serves until the process that started it ends;
 `CLOSEDLOOP_STAGE_SERVER=SOCKET` sends stages there. The Prefect flow starts one for each of its
-runs (`serving`); `dvc repro` and `dvc exp run` use one only where the variable is set. The stage runs in its own process, as without the variable, when no server
-listens there, or when the caller's environment differs from the server's in anything an import
-may have read (only variables read at call time may differ: see PER_CALL).
+runs (`serving`); `dvc repro` and `dvc exp run` use one only where the variable is set. A stage
+runs in its own process, as without the variable, when no server listens there, or when the
+caller's environment differs from the server's in anything an import may have read (only
+variables read at call time may differ: see PER_CALL).
 """
 
 from __future__ import annotations
@@ -153,12 +154,7 @@ def _wait(conn: socket.socket, pid: int) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    while True:
-        try:
-            status = _recv(conn)
-            break
-        except InterruptedError:
-            continue
+    status = _recv(conn)  # a signal's handler runs, then the call resumes (PEP 475)
     if status is None:
         print(f"closedloop: the stage server at {os.environ.get(ENV)} went away during the stage", file=sys.stderr)
         return 1
@@ -191,7 +187,6 @@ def serve(path: Path) -> None:
     # imports would set them too
     set_by_imports = {k: v for k, v in os.environ.items() if base_env.get(k) != v}
     os.chdir("/")
-    path = Path(path)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o077)  # the socket: this user only (a stage runs whatever it is sent)
