@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny_model import save_tiny_model
+from tiny_model import save_tiny_judging_model, save_tiny_model
 
 PROJECT = Path(__file__).resolve().parents[1]
 IFEVAL = PROJECT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
@@ -110,6 +110,12 @@ def stage_server(request, tmp_path_factory) -> StageServer | None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_judging_model_dir(tmp_path_factory) -> Path:
+    """A tiny model whose votes all parse and split (tiny_model.save_tiny_judging_model): SPAR's trees grow."""
+    return save_tiny_judging_model(tmp_path_factory.mktemp("tiny_judging") / "model")
 
 
 @pytest.fixture(scope="session")

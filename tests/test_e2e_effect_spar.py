@@ -7,7 +7,8 @@ import json
 import pytest
 
 from closedloop.effects import RESULT_KEYS
-from closedloop.methods.spar_data import judge_accuracy
+from closedloop.methods.spar_data import judge_accuracy, record_to_tree, refine_messages_for
+from closedloop.verifiers.judge import format_refinement, parse_verdict
 from test_e2e_effect import tiny_effect
 
 pytestmark = pytest.mark.e2e
@@ -23,8 +24,9 @@ TINY_SPAR = ["prepare.num_train=8", "prepare.num_eval=6", "spar.judge.max_new_to
 
 
 @pytest.fixture(scope="module")
-def spar_effect(tmp_path_factory, tiny_model_dir):
-    return tiny_effect(tmp_path_factory, tiny_model_dir, "spar", TINY_SPAR)[0]
+def spar_effect(tmp_path_factory, tiny_judging_model_dir):
+    """The tiny model whose votes all parse and split like coin flips (tiny_model.save_tiny_judging_model)."""
+    return tiny_effect(tmp_path_factory, tiny_judging_model_dir, "spar", TINY_SPAR)[0]
 
 
 def test_spar_effect_reports_actor_and_judge_rows(spar_effect):
@@ -84,3 +86,54 @@ def test_spar_effect_ablations_share_the_iterations_samples_and_train_their_own_
     keys = {name: [r["key"] for r in _jsonl(spar_effect / f"data/eval/{name}/records.jsonl")]
             for name in ("spar-it1", "spar-no-tree", "spar-no-refine")}
     assert keys["spar-it1"] == keys["spar-no-tree"] == keys["spar-no-refine"] and len(keys["spar-it1"]) == 6
+
+
+def test_spar_trees_grow_past_their_first_level_and_become_pairs_and_refiner_data(spar_effect):
+    """Votes that parse and split make the trees SPAR's: a failing root, `width` refinements per
+    expanded node, levels until a node passes the gate; each successful tree is one DPO pair
+    (its gate-passing node against the root) and one refiner example (that node's step only)."""
+    width, gate, max_depth = 3, 0.5, 3  # params.yaml's spar.tree (the effect run sets only the budget)
+    deepest, success_depths = 0, []
+    for it in ("it1", "it2"):
+        d = spar_effect / f"data/spar/{it}"
+        judged = _jsonl(d / "judged.jsonl")
+        assert all(v is not None for j in judged for v in j["judge"]["votes"])  # every vote parsed
+        trees = _jsonl(d / "trees.jsonl")
+        assert trees
+        for rec in trees:
+            nodes = rec["nodes"]
+            root = nodes[0]
+            assert root["depth"] == 0 and root["decision"] is False and root["value"] <= gate
+            children: dict[int, int] = {}
+            for n in nodes[1:]:
+                assert n["depth"] == nodes[n["parent"]]["depth"] + 1 <= max_depth
+                assert [parse_verdict(t) for t in n["judgment_texts"]].count(None) == 0
+                children[n["parent"]] = children.get(n["parent"], 0) + 1
+            assert set(children.values()) == {width}  # the scaffold makes every refinement parse
+            deepest = max(deepest, max(n["depth"] for n in nodes))
+            win = rec["success"]
+            # the search stops at the first node above the gate: none before it passed
+            assert all(n["value"] <= gate for n in nodes[1:win])
+            if win is not None:
+                assert nodes[win]["value"] > gate
+                success_depths.append(nodes[win]["depth"])
+        ok = [t for t in trees if t["success"] is not None]
+        metrics = json.loads((d / "refine_metrics.json").read_text())
+        assert [metrics[f"success_depth_{k}"] for k in (1, 2, 3)] == [
+            sum(t["nodes"][t["success"]]["depth"] == k for t in ok) for k in (1, 2, 3)]
+        pairs = _jsonl(d / "dpo.jsonl")
+        assert [(p["chosen"], p["rejected"], p["depth"]) for p in pairs] == [
+            (t["nodes"][t["success"]]["response"], t["nodes"][0]["response"], t["nodes"][t["success"]]["depth"])
+            for t in ok]
+        rft = _jsonl(d / "refiner_sft.jsonl")
+        refinements = [e for e in rft if e["kind"] == "refinement"]
+        for e, t in zip(refinements, ok, strict=True):
+            tree = record_to_tree(t)
+            assert e["prompt"] == refine_messages_for(t["prompt"], tree.path()[-2])  # the final step only
+            assert e["completion"][0]["content"] == format_refinement(tree.success.critique or "",
+                                                                      tree.success.response)
+        sources = {e["source"] for e in rft if e["kind"] == "judgment"}
+        assert sources == {"samples", "tree"}  # split votes on the actor's samples and on tree nodes
+    # seeded draws: should a library change them so that no tree passes below depth 1, move
+    # tiny_model.save_tiny_judging_model's yes_logit (-0.7: 2 of 4 trees at depth 1, 1 at depth 2)
+    assert deepest >= 2 and any(k >= 2 for k in success_depths), (deepest, success_depths)

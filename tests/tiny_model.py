@@ -87,3 +87,33 @@ def bias_lm_head(model, bias: dict[int, float]) -> None:
         for i, v in bias.items():
             new.bias[i] = v
     model.lm_head = new
+
+
+VERDICT_LINES = ("Verdict: yes\n", "Verdict: no\n")
+
+
+def save_tiny_judging_model(path: Path, yes_logit: float = -0.7, seed: int = 0) -> Path:
+    """The tiny model of `save_tiny_model`, whose every token is one of two whole verdict lines
+    (`Verdict: yes` / `Verdict: no`, added tokens), drawn with the same odds in any context: every
+    judgment parses and k sampled votes split as coin flips do (yes at about 35% per token at the
+    X's refinement trees fail at their roots, grow past depth 1 and
+    sometimes pass the gate. The shared tiny model has no "Verdict" in its vocabulary (none of its
+    votes parses), and growing that vocabulary would change every random output the tests pin.
+
+    How: one hidden dimension of every input embedding is set far above the rest, so after the
+    final norm the hidden state is nearly the same constant vector at every position, and that
+    dimension's lm_head column sets each token's logit (others -10)."""
+    model, tokenizer = make_tiny_model_and_tokenizer(seed, split_digits=True)
+    tokenizer.add_tokens(list(VERDICT_LINES))
+    model.resize_token_embeddings(len(tokenizer))
+    yes, no = tokenizer.convert_tokens_to_ids(list(VERDICT_LINES))
+    scale = model.config.hidden_size ** 0.5  # that dimension's value after the final RMSNorm
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 20.0
+        head = model.lm_head.weight
+        head[:, 0] = -10.0 / scale
+        head[yes, 0] = yes_logit / scale
+        head[no, 0] = 0.0
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
