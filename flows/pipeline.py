@@ -43,6 +43,31 @@ from tasks.tracking import parent_run, tag_lineage
 ROOT = _bootstrap.ROOT
 
 
+def params_unchanged(path: Path, at_start: bytes, executed: list[str]) -> None:
+    """Stop the flow, with one clear error, if params.yaml is not the file it started with.
+
+    Its stages re-read params.yaml, and its parent MLflow run records the file as it was at the
+    start, so a change mid-flow (`dvc exp run -S seed=1` beside it leaves the file changed even
+    when it fails on DVC's lock; an editor's save) would make later stages compute with params the
+    run does not record. Holding the file fixed is not ours to do: it is the user's."""
+    import yaml
+
+    now = path.read_bytes()
+    if now == at_start:
+        return
+    try:
+        before, after = (tracking.flatten(yaml.safe_load(b) or {}) for b in (at_start, now))
+        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    except (yaml.YAMLError, AttributeError):  # not a mapping any more: say so without the keys
+        keys = []
+    what = f" ({', '.join(keys)})" if keys else ""
+    done = f"Stages this flow ran: {', '.join(executed)}. " if executed else ""
+    raise UserError(f"{path}: changed while this flow ran{what} (`dvc exp run -S`, which changes it even when "
+                    f"it fails on DVC's lock, or an edit); the flow stops so that no stage computes with "
+                    f"params its MLflow run does not record. {done}Run the flow again to bring every stage "
+                    "up to date with the file as it is now.")
+
+
 def mlflow_ui_command(params, experiment_id: str) -> str:
     """The command that serves the MLflow UI on this project's store, and the page to open."""
     uri = params.tracking.tracking_uri or tracking.default_tracking_uri(ROOT)
@@ -54,6 +79,7 @@ def mlflow_ui_command(params, experiment_id: str) -> str:
 @flow(name="closedloop-pipeline", log_prints=True)
 def pipeline(targets: list[str] | None = None) -> dict:
     logger = get_run_logger()
+    params_at_start = (ROOT / "params.yaml").read_bytes()
     params = load_params(ROOT / "params.yaml")  # before any compute
     graph, methods, stale = stage_graph(ROOT)
     order = execution_order(graph, methods, targets, stale)
@@ -69,10 +95,12 @@ def pipeline(targets: list[str] | None = None) -> dict:
             # DVC decides: a stage it reported clean, none of whose upstream stages ran now, is
             # still clean, so its task need not start `dvc repro` to hear that again.
             known_clean = stage not in stale and not any(u in executed for u in graph[stage])
+            params_unchanged(ROOT / "params.yaml", params_at_start, executed)
             result = run_stage(stage, str(ROOT), env, known_clean)
             if result["ran"]:
                 executed.append(stage)
                 tag_lineage(str(ROOT), params, parent_id, stage)
+        params_unchanged(ROOT / "params.yaml", params_at_start, executed)  # the last stage read it too
         ui = mlflow_ui_command(params, parent.experiment_id)
         table = publish_results(str(ROOT), ui)
     logger.info("stages run: %s", ", ".join(executed) or "none")

@@ -175,6 +175,7 @@ CASES = [
     Case("verify-array-row", VERIFY, ["in.jsonl:1", "JSON object"], files={"in.jsonl": "[1, 2]\n"}),
     Case("verify-duplicate-key", VERIFY, ["in.jsonl:2", "duplicate key 'response'"],
          files={"in.jsonl": ROW + "\n" + ROW[:-1] + ', "response": "again"}\n'}),
+    Case("verify-nan", VERIFY, ["in.jsonl:2", "got NaN"], files={"in.jsonl": ROW + "\n" + ROW[:-1] + ', "score": NaN}\n'}),
     Case("verify-binary", VERIFY, ["in.jsonl:1", "UTF-8"], files={"in.jsonl": b"\x89PNG\r\n\x1a\n\x00\xff"}),
     Case("verify-utf16", VERIFY, ["in.jsonl:1", "UTF-8"], files={"in.jsonl": (ROW + "\n").encode("utf-16")}),
     Case("verify-empty", VERIFY, ["in.jsonl", "no rows"], files={"in.jsonl": ""}),
@@ -191,6 +192,8 @@ CASES = [
     Case("prompts-missing", EVAL, ["evaluate.prompts", "prompts.jsonl", "not found"], params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}),
     Case("prompts-duplicate-key", EVAL, ["evaluate.prompts", "prompts.jsonl:2", "key 1 repeats line 1"],
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": PROMPT_ROW + "\n" + PROMPT_ROW + "\n"}),
+    Case("prompts-infinity", EVAL, ["evaluate.prompts", "prompts.jsonl:1", "got Infinity"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": PROMPT_ROW[:-1] + ', "w": Infinity}\n'}),
     Case("prompts-invalid-line", EVAL, ["evaluate.prompts", "prompts.jsonl:2", "invalid JSON"],
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": PROMPT_ROW + "\nnot json\n"}),
     Case("prompts-no-instructions", EVAL, ["prompts.jsonl:1", "instruction_id_list"],
@@ -337,3 +340,37 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(project, tmp_path, c
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
         running = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'")
         assert len(running) == 0
+
+
+def test_a_file_size_limit_gives_one_line_exit_2_and_no_partial_output(project, tmp_path):
+    """`ulimit -f`: the write fails with EFBIG (Python ignores SIGXFSZ), in the middle of the output."""
+    import resource
+
+    root, env = project
+    (tmp_path / "in.jsonl").write_text("".join(ROW + "\n" for _ in range(200)))
+    command = [substitute(a, tmp_path) for a in VERIFY]
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0] == f"error: {tmp_path / 'out.jsonl'}: the file would pass this process's file-size limit (ulimit -f)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no partial output, no temporary
+
+
+def test_a_stage_waits_for_the_mlflow_store_another_process_holds_locked(project):
+    """An exclusive lock on mlflow.db for 12 s (sqlite3 alone gives up after 5 s): the stage waits
+    for it, bounded (closedloop.tracking.SQLITE_BUSY_SECONDS), and then runs."""
+    root, env = project
+    hold = ("import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(12); c.execute('COMMIT')")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / "mlflow.db")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(["closedloop", "stage", "prepare"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        released = holder.poll() is not None  # the stage ended after the lock was given up
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert released

@@ -1,5 +1,6 @@
 """Faults, on a tiny model: a stage killed under a running flow, a flow killed mid-stage, two flows
-started at once on a fresh clone, a flow started beside `dvc repro`. After each: the outputs equal
+started at once on a fresh clone, a flow started beside `dvc repro`, `dvc exp run` started beside a
+flow. After each: the outputs equal
 an uninterrupted run's, DVC is clean, no temporary files remain, the MLflow store reads, and no
 run is left RUNNING; a killed flow's temporary Prefect server does not outlive the next start."""
 
@@ -149,3 +150,28 @@ def test_a_flow_started_beside_dvc_repro_waits_for_it(sampled):
     assert repro.returncode == 0, log.read_text()[-3000:]
     assert "stages run:" in after.stdout
     assert_clean(root, env, "rft_sample")
+
+
+def test_dvc_exp_run_beside_a_flow_stops_the_flow_with_one_clear_error(sampled):
+    """`dvc exp run -S` beside a flow's stage fails on DVC's lock and leaves params.yaml changed
+    (DVC 3.67), which the flow's later stages would read; the flow stops with one error instead."""
+    root, env, _ = sampled
+    original = (root / "params.yaml").read_bytes()
+    forget(root)
+    proc = flow(root, env, "rft_sample")
+    wait_for_partial_output(proc, root)  # the flow's stage holds DVC's lock
+    exp = subprocess.run(["dvc", "exp", "run", "-S", "seed=123", "rft_sample"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    try:
+        assert exp.returncode != 0 and "lock" in exp.stderr + exp.stdout, exp.stdout + exp.stderr
+        assert b"seed: 123" in (root / "params.yaml").read_bytes()  # DVC's behaviour the flow guards against
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        (root / "params.yaml").write_bytes(original)
+    assert proc.returncode == 2, out[-4000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "params.yaml: changed while this flow ran (seed)" in errors[0], out[-3000:]
+    assert "Stages this flow ran: rft_sample" in errors[0]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not [r for r in runs if r.info.status == "RUNNING"], "a run was left RUNNING"

@@ -97,3 +97,25 @@ def test_atomic_outputs_get_the_permissions_a_plain_write_would(tmp_path, umask)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "out.txt") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
     assert mode(tmp_path / "model") == mode(tmp_path / "plain_dir") == 0o777 & ~umask
+
+
+def test_nan_and_infinity_are_refused_on_input_and_never_written(tmp_path):
+    """Python's json reads and writes bare NaN/Infinity; other JSON readers reject them."""
+    import json
+
+    from closedloop.io import write_json
+
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"a": 1.0}\n{"a": NaN}\n')
+    with pytest.raises(UserError, match=r"in\.jsonl:2: expected a JSON number or null, got NaN"):
+        read_jsonl(bad)
+    bad.write_text('{"a": [1, -Infinity]}\n')
+    with pytest.raises(UserError, match=r"in\.jsonl:1: .* got -Infinity"):
+        read_jsonl(bad)
+    write_jsonl(tmp_path / "out.jsonl", [{"loss": float("nan"), "xs": [1.5, float("inf")], "k": "NaN"}])
+    text = (tmp_path / "out.jsonl").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written")) == {
+        "loss": None, "xs": [1.5, None], "k": "NaN"}
+    write_json(tmp_path / "m.json", {"ratio": float("-inf"), "ok": 0.5})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"ok": 0.5, "ratio": None}
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"loss": None, "xs": [1.5, None], "k": "NaN"}]

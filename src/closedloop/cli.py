@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from closedloop.env import set_offline_defaults
-from closedloop.errors import UserError
+from closedloop.errors import UserError, environment_error
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        refused = environment_error(e)
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     return 0
 

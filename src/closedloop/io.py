@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -50,6 +51,12 @@ def _tmp_path(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+def _name_output(e: OSError, path: Path) -> None:
+    """A write's OSError (a full disk, a file-size limit) names no file: name the output it was for."""
+    if e.filename is None:
+        e.filename = str(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -60,6 +67,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if is_main_process():
             os.replace(tmp, path)
+    except OSError as e:
+        _name_output(e, path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -84,6 +94,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        _name_output(e, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -93,8 +106,28 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with NaN and +-Infinity as None: JSON has no such numbers (Python's json writes them as
+    bare `NaN`, which other tools reject); null is how pandas and JavaScript write them too."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """json.dumps that writes valid JSON only: a non-finite float becomes null (`_finite`)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, **kwargs)
+    except ValueError:  # "Out of range float values are not JSON compliant": rare, so checked lazily
+        return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, **kwargs)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_text(path, to_json(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
@@ -102,7 +135,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(to_json(row) + "\n")
             f.flush()
             n += 1
     return n
@@ -122,6 +155,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def _no_constant(name: str) -> None:
+    raise NonFinite(name)
+
+
+class NonFinite(ValueError):
+    pass
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line; a malformed line raises UserError naming file:line."""
     path = Path(path)
@@ -139,12 +180,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, object_pairs_hook=_unique_keys)
+                row = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got invalid JSON ({e.msg})") from None
             except DuplicateKey as e:
                 raise UserError(f"{path}:{lineno}: duplicate key {e.args[0]!r} in one JSON object "
                                 "(JSON readers disagree on which value wins)") from None
+            except NonFinite as e:
+                raise UserError(f"{path}:{lineno}: expected a JSON number or null, got {e.args[0]} "
+                                "(not JSON: most JSON readers reject it)") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row

@@ -50,6 +50,19 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(store_root(root) / 'mlflow.db').resolve()}"
 
 
+# How long a statement waits for a SQLite store another process holds locked (sqlite3's default, 5 s,
+# failed stages beside a long write or a `sqlite3` shell's transaction), as DVC's locks are waited for.
+SQLITE_BUSY_SECONDS = 60
+
+
+def waiting_for_locks(uri: str) -> str:
+    """A SQLite store's URI with a busy timeout (SQLAlchemy passes `timeout` on to sqlite3), unless it
+    names one; other stores as they are."""
+    if not uri.startswith("sqlite:") or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_SECONDS}"
+
+
 def setup(root: Path, tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the project's store and experiment (created as a model-training
     experiment); returns the experiment id. Serialised by a file lock: two processes creating a
@@ -58,7 +71,7 @@ def setup(root: Path, tracking_uri: str | None, experiment: str) -> str:
     from filelock import FileLock
 
     home = store_root(root)
-    uri = tracking_uri or default_tracking_uri(root)
+    uri = waiting_for_locks(tracking_uri or default_tracking_uri(root))
     mlflow.set_tracking_uri(uri)
     with FileLock(str(home / ".mlflow.lock")):
         exp = mlflow.get_experiment_by_name(experiment)
