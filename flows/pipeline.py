@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import _bootstrap  # sets PREFECT_HOME and offline variables before prefect loads
@@ -43,29 +44,46 @@ from tasks.tracking import parent_run, tag_lineage
 ROOT = _bootstrap.ROOT
 
 
-def params_unchanged(path: Path, at_start: bytes, executed: list[str]) -> None:
-    """Stop the flow, with one clear error, if params.yaml is not the file it started with.
+@dataclass(frozen=True)
+class FlowInputs:
+    """What the flow's parent MLflow run stands for, as the flow found it at its start: the bytes of
+    params.yaml (its stages re-read the file) and the SQLite file that holds the parent run (each
+    stage opens that path afresh)."""
 
-    Its stages re-read params.yaml, and its parent MLflow run records the file as it was at the
-    start, so a change mid-flow (`dvc exp run -S seed=1` beside it leaves the file changed even
-    when it fails on DVC's lock; an editor's save) would make later stages compute with params the
-    run does not record. Holding the file fixed is not ours to do: it is the user's."""
-    import yaml
+    params: bytes
+    store: tuple[int, int] | None  # the store file's (device, inode); None for a server or a missing file
 
-    now = path.read_bytes()
-    if now == at_start:
-        return
-    try:
-        before, after = (tracking.flatten(yaml.safe_load(b) or {}) for b in (at_start, now))
-        keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    except (yaml.YAMLError, AttributeError):  # not a mapping any more: say so without the keys
-        keys = []
-    what = f" ({', '.join(keys)})" if keys else ""
+
+def flow_inputs(params) -> FlowInputs:
+    return FlowInputs((ROOT / "params.yaml").read_bytes(), tracking.store_identity(ROOT, params.tracking.tracking_uri))
+
+
+def stop_if_changed(at_start: FlowInputs, params, executed: list[str]) -> None:
+    """Stop the flow, with one clear error, if params.yaml or the MLflow store is not what it started with.
+
+    A changed params.yaml (`dvc exp run -S seed=1` beside the flow changes it even when it fails on
+    DVC's lock; an editor's save) would make later stages compute with params the parent run does
+    not record; a deleted or replaced store file would send later stages' runs to a store without
+    the parent run. Holding them fixed is not ours to do: they are the user's."""
     done = f"Stages this flow ran: {', '.join(executed)}. " if executed else ""
-    raise UserError(f"{path}: changed while this flow ran{what} (`dvc exp run -S`, which changes it even when "
-                    f"it fails on DVC's lock, or an edit); the flow stops so that no stage computes with "
-                    f"params its MLflow run does not record. {done}Run the flow again to bring every stage "
-                    "up to date with the file as it is now.")
+    again = "Run the flow again to bring every stage up to date."
+    now = flow_inputs(params)
+    if now.params != at_start.params:
+        import yaml
+
+        try:
+            before, after = (tracking.flatten(yaml.safe_load(b) or {}) for b in (at_start.params, now.params))
+            keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        except (yaml.YAMLError, AttributeError):  # not a mapping any more: say so without the keys
+            keys = []
+        what = f" ({', '.join(keys)})" if keys else ""
+        raise UserError(f"{ROOT / 'params.yaml'}: changed while this flow ran{what} (`dvc exp run -S`, which "
+                        "changes it even when it fails on DVC's lock, or an edit); the flow stops so that no "
+                        f"stage computes with params its MLflow run does not record. {done}{again}")
+    if now.store != at_start.store and at_start.store is not None:
+        store = tracking.sqlite_path(params.tracking.tracking_uri or tracking.default_tracking_uri(ROOT))
+        raise UserError(f"{store}: deleted or replaced while this flow ran, with the flow's parent MLflow run in "
+                        f"it; the flow stops so that its stages' runs do not go to a store without it. {done}{again}")
 
 
 def mlflow_ui_command(params, experiment_id: str) -> str:
@@ -79,7 +97,7 @@ def mlflow_ui_command(params, experiment_id: str) -> str:
 @flow(name="closedloop-pipeline", log_prints=True)
 def pipeline(targets: list[str] | None = None) -> dict:
     logger = get_run_logger()
-    params_at_start = (ROOT / "params.yaml").read_bytes()
+    params_text = (ROOT / "params.yaml").read_bytes()
     params = load_params(ROOT / "params.yaml")  # before any compute
     graph, methods, stale = stage_graph(ROOT)
     order = execution_order(graph, methods, targets, stale)
@@ -90,17 +108,23 @@ def pipeline(targets: list[str] | None = None) -> dict:
     with (parent_run(ROOT, params, flow_run_id, targets or []) as parent,
           serving(state_dir(ROOT) / "stage-server.log") as server_env):
         parent_id = parent.run_id
+        # the store exists now: parent_run made it
+        at_start = FlowInputs(params_text, tracking.store_identity(ROOT, params.tracking.tracking_uri))
         env = {tracking.PARENT_RUN_ENV: parent_id, tracking.FLOW_RUN_ENV: flow_run_id, **server_env}
         for stage in order:
             # DVC decides: a stage it reported clean, none of whose upstream stages ran now, is
             # still clean, so its task need not start `dvc repro` to hear that again.
             known_clean = stage not in stale and not any(u in executed for u in graph[stage])
-            params_unchanged(ROOT / "params.yaml", params_at_start, executed)
-            result = run_stage(stage, str(ROOT), env, known_clean)
+            stop_if_changed(at_start, params, executed)
+            try:
+                result = run_stage(stage, str(ROOT), env, known_clean)
+            except Exception:
+                stop_if_changed(at_start, params, executed)  # such a change explains the failure best
+                raise
             if result["ran"]:
                 executed.append(stage)
                 tag_lineage(str(ROOT), params, parent_id, stage)
-        params_unchanged(ROOT / "params.yaml", params_at_start, executed)  # the last stage read it too
+        stop_if_changed(at_start, params, executed)  # the last stage read them too
         ui = mlflow_ui_command(params, parent.experiment_id)
         table = publish_results(str(ROOT), ui)
     logger.info("stages run: %s", ", ".join(executed) or "none")

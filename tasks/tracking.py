@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -20,10 +21,21 @@ def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iter
     tracking.setup(root, params.tracking.tracking_uri, params.tracking.experiment)
     tags = tracking.lineage_tags(root, None, model_id(root / params.model.base))
     tags |= {tracking.TAG_FLOW_RUN: flow_run_id, tracking.TAG_KIND: "pipeline"}
-    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
+    run = mlflow.start_run(run_name="pipeline", tags=tags)
+    store = tracking.store_identity(root, params.tracking.tracking_uri)
+    status = "FAILED"
+    try:
         mlflow.log_params({"targets": ",".join(targets) or "all"} |
                           {k: ("null" if v is None else v) for k, v in tracking.flatten(params.as_dict()).items()})
         yield run.info  # run_id, experiment_id
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except MlflowException:
+            # a store deleted or replaced under the flow (the flow stops on it) has no run to end
+            if tracking.store_identity(root, params.tracking.tracking_uri) == store:
+                raise
 
 
 @task(name="tag-lineage", cache_policy=NO_CACHE)

@@ -374,3 +374,15 @@ def test_a_stage_waits_for_the_mlflow_store_another_process_holds_locked(project
         holder.wait()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert released
+
+
+def test_a_stage_whose_parent_run_is_not_in_the_store_stops_before_running(project):
+    """$CLOSEDLOOP_PARENT_RUN_ID naming a run the store lacks (a store replaced under a flow)."""
+    root, env = project
+    before = snapshot(root)
+    proc = subprocess.run(["closedloop", "stage", "prepare"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=env | {"CLOSEDLOOP_PARENT_RUN_ID": "0123456789abcdef0123456789abcdef"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "has no run 0123456789abcdef0123456789abcdef" in lines[0] and "mlflow.db" in lines[0]
+    assert snapshot(root) == before

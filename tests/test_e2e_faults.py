@@ -175,3 +175,20 @@ def test_dvc_exp_run_beside_a_flow_stops_the_flow_with_one_clear_error(sampled):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert not [r for r in runs if r.info.status == "RUNNING"], "a run was left RUNNING"
+
+
+def test_the_mlflow_store_deleted_mid_flow_stops_the_flow_with_one_clear_error(sampled):
+    """mlflow.db deleted while a stage runs: the stage cannot end its run (SQLite makes an unlinked
+    file read-only) and the flow stops with one line naming the store, rather than going on to send
+    later stages' runs to a new store without the flow's parent run."""
+    root, env, _ = sampled
+    forget(root)
+    proc = flow(root, env, "rft_verify")  # rft_sample reruns, then rft_verify would be next
+    wait_for_partial_output(proc, root)
+    (root / "mlflow.db").unlink()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 2, out[-4000:]
+    # the flow's own error comes last (Prefect's log of the failed stage quotes the stage's error)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors[-1].startswith(f"error: {root / 'mlflow.db'}: deleted or replaced while this flow ran"), out[-3000:]
+    assert not [p for p in root.rglob("*.tmp") if ".git" not in p.parts and ".dvc" not in p.parts]

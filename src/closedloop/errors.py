@@ -33,7 +33,9 @@ _REFUSED = {
 # Libraries that re-raise an OSError as their own error (safetensors, SQLite) keep only its text.
 _REFUSED_TEXT = {os.strerror(n): why for n, why in _REFUSED.items()} | {
     "database or disk is full": "no space left on the device (or the file-size limit)",
-    "attempt to write a readonly database": "the MLflow store is read-only",
+    # SQLite says so too when the file was deleted or moved while it was open
+    "attempt to write a readonly database": "the MLflow store cannot be written (read-only, or deleted or moved "
+                                            "while the stage ran)",
 }
 
 

@@ -55,6 +55,24 @@ def default_tracking_uri(root: Path) -> str:
 SQLITE_BUSY_SECONDS = 60
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///...` store URI; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
+
+
+def store_identity(root: Path, tracking_uri: str | None) -> tuple[int, int] | None:
+    """The (device, inode) of the project's SQLite store file: it changes when the file is deleted
+    or replaced. None for a store that is not a SQLite file, or a file not yet made."""
+    path = sqlite_path(tracking_uri or default_tracking_uri(root))
+    try:
+        st = path.stat() if path is not None else None
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino) if st is not None else None
+
+
 def waiting_for_locks(uri: str) -> str:
     """A SQLite store's URI with a busy timeout (SQLAlchemy passes `timeout` on to sqlite3), unless it
     names one; other stores as they are."""
@@ -199,6 +217,11 @@ def stage_run(root: Path, params, stage: str, declared: set[str], reads: set[str
 
     setup(root, params.tracking.tracking_uri, params.tracking.experiment)
     parent = os.environ.get(PARENT_RUN_ENV) or None
+    if parent is not None and not run_exists(parent):
+        from closedloop.errors import UserError
+
+        raise UserError(f"{mlflow.get_tracking_uri()}: has no run {parent}, the parent run ${PARENT_RUN_ENV} "
+                        "names (the store was deleted or replaced while the flow ran?); the stage did not run")
     tags = lineage_tags(root, stage, model_id(root / params.model.base)) | {TAG_KIND: "stage"}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
         flat = {k: v for k, v in leaf_values(params, declared).items() if not is_secret(k.rsplit(".", 1)[-1])}
@@ -206,6 +229,19 @@ def stage_run(root: Path, params, stage: str, declared: set[str], reads: set[str
             mlflow.log_params({k: ("null" if v is None else v) for k, v in flat.items()})
         yield run
         mlflow.set_tag(TAG_PARAMS_READ, ",".join(sorted(leaf_keys(params, reads))))
+
+
+def run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def lock_entry_md5(root: Path, stage: str) -> str | None:
