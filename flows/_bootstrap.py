@@ -29,15 +29,18 @@ def check_inputs_or_exit(targets: list[str]) -> None:
     """Validate params.yaml, dvc.yaml and the `--target`s before prefect is imported (importing it
     creates PREFECT_HOME, and its start-up takes seconds): bad input stops the run with one line and
     exit code 2, having written nothing."""
-    from closedloop.config import load_params
+    from closedloop.config import check_model_names, load_params
     from closedloop.errors import UserError
+    from closedloop.stage_params import covered
 
     try:
-        load_params(ROOT / "params.yaml")
-        from stage_graph import resolve_targets, stage_graph
+        params = load_params(ROOT / "params.yaml")
+        from stage_graph import declared_params, stage_graph, stages_to_run
 
         graph, methods, _ = stage_graph(ROOT, with_status=False)
-        resolve_targets(graph, methods, targets)
+        declared = declared_params(ROOT)
+        keys = set().union(*(declared[s] for s in stages_to_run(graph, methods, targets)))
+        check_model_names(params, "params.yaml", lambda key: covered(key, keys))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

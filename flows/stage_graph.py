@@ -53,6 +53,26 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
     return upstream, methods, stale
 
 
+def declared_params(root: Path) -> dict[str, set[str]]:
+    """{stage: the dotted param keys it declares in dvc.yaml}, foreach expanded, in one pass."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    try:
+        with Repo(str(root)) as repo:
+            return {s.name: {k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params or []}
+                    for s in repo.index.stages if isinstance(s, PipelineStage)}
+    except DvcException as e:
+        raise dvc_error(e) from None
+
+
+def stages_to_run(graph: dict[str, list[str]], methods: dict[str, str], targets: list[str]) -> set[str]:
+    """The targets' stages and everything upstream of them; every stage without targets."""
+    return _ancestry(graph, resolve_targets(graph, methods, targets)) if targets else set(graph)
+
+
 def _ancestry(graph: dict[str, list[str]], stages: set[str]) -> set[str]:
     seen: set[str] = set()
     todo = list(stages)

@@ -224,6 +224,13 @@ CASES = [
          params={"prepare": {"seeds": "{tmp}/seeds.jsonl"}}, files={"seeds.jsonl": "{oops\n"}),
     Case("rlhf-policy-prompt-null", ["closedloop", "stage", "rlhf_policy"], ["rlhf.policy.prompts", "p.jsonl:2", "prompt"],
          params={"rlhf": {"policy": {"prompts": "{tmp}/p.jsonl"}}}, files={"p.jsonl": '{"prompt": "q"}\n{"prompt": null}\n'}),
+    # a name of an evaluate.models entry: its form with the params, its entry where a stage reads it
+    Case("rlhf-sft-name-path", PARAMS, ["rlhf.eval.sft_name", "evaluate.models entry", "'../rft'"],
+         params={"rlhf": {"eval": {"sft_name": "../rft"}}}),
+    Case("rlhf-sft-name-unknown", ["closedloop", "stage", "rlhf_eval"],
+         ["rlhf.eval.sft_name", "expected one of evaluate.models", "'sft'"], params={"rlhf": {"eval": {"sft_name": "sft"}}}),
+    Case("proxy-tuned-unknown-flow", [sys.executable, "flows/pipeline.py", "--target", "proxy"],
+         ["proxy.tuned", "expected one of evaluate.models", "'tuned'"], params={"proxy": {"tuned": "tuned"}}),
     Case("proxy-prompt-number", ["closedloop", "stage", "proxy_small"], ["proxy.small.prompts", "p.jsonl:1", "prompt"],
          params={"proxy": {"small": {"prompts": "{tmp}/p.jsonl"}}}, files={"p.jsonl": '{"prompt": 3}\n'}),
     Case("dct-documents-empty", ["closedloop", "stage", "dct_seed"], ["dct.seeds.documents", "docs.jsonl", "no lines"],

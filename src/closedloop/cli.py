@@ -17,9 +17,9 @@ def cmd_stage(args: argparse.Namespace) -> None:
     import mlflow
 
     from closedloop import progress
-    from closedloop.config import load_params
+    from closedloop.config import check_model_names, load_params
     from closedloop.io import is_main_process
-    from closedloop.stage_params import ParamsView, declared_params
+    from closedloop.stage_params import ParamsView, covered, declared_params
     from closedloop.stages import get_stage
     from closedloop.tracking import stage_run
 
@@ -27,6 +27,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     fn, key = get_stage(args.name)  # unknown stage: error before anything else
     params = load_params(root / "params.yaml")
     declared = declared_params(root, args.name)
+    check_model_names(params, "params.yaml", lambda k: covered(k, declared))
     view = ParamsView(params, declared)
     if not is_main_process():
         # Extra ranks of `accelerate launch`: train alongside rank 0; their MLflow calls go to a

@@ -19,6 +19,7 @@ import pkgutil
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +33,16 @@ MAX_COUNT = 10_000_000
 
 
 def bounds(ge: float | None = None, le: float | None = None, gt: float | None = None, *,
-           path: bool = False) -> dict:
+           path: bool = False, model_name: bool = False) -> dict:
     """Field metadata: numeric bounds; `path` marks a value naming a file or directory, which the
-    stages reading it must list as a DVC dep (tests check this against dvc.yaml)."""
-    return {"ge": ge, "le": le, "gt": gt, "path": path}
+    stages reading it must list as a DVC dep (tests check this against dvc.yaml); `model_name` a
+    value naming an evaluate.models entry (whose data/eval/<name>/ the stage reads)."""
+    return {"ge": ge, "le": le, "gt": gt, "path": path, "model_name": model_name}
+
+
+def is_model_name(name: object) -> bool:
+    """The form of an evaluate.models name: letters, digits, - and _ (so data/eval/<name> stays inside data/eval)."""
+    return isinstance(name, str) and bool(name) and all(c.isalnum() or c in "-_" for c in name)
 
 
 class FieldError(ValueError):
@@ -133,7 +140,7 @@ class EvaluateParams:
             raise FieldError("reference", f"expected one of evaluate.models ({', '.join(self.models)}), "
                                           f"got {self.reference!r}")
         for name in self.models:
-            if not name or not all(c.isalnum() or c in "-_" for c in name):
+            if not is_model_name(name):
                 raise FieldError(f"models.{name}", "expected a name of letters, digits, - and _")
         from closedloop.evaluate.suites import suite_names
 
@@ -443,6 +450,9 @@ def build_section(cls: type, data: Any, where: str, src: str) -> Any:
             continue
         if not _matches(tp, value) or not _in_range(tp, f.metadata, value):
             raise UserError(f"{src}: {path}: expected {_describe(tp, f.metadata)}, got {value!r}")
+        if f.metadata.get("model_name") and value is not None and not is_model_name(value):
+            raise UserError(f"{src}: {path}: expected the name of an evaluate.models entry (letters, digits, "
+                            f"- and _), got {value!r}")
         kwargs[name] = float(value) if tp is float else value
     try:
         return cls(**kwargs)
@@ -523,8 +533,23 @@ def _check_path_kinds(params: Params, path: Path) -> None:
             raise UserError(f"{path.name}: {key}: {value}: expected a file or a directory, got {kind}")
 
 
+def check_model_names(params: Params, src: str, keys: Callable[[str], bool] = lambda key: True) -> None:
+    """Every param marked `model_name` (among `keys`) names an entry of evaluate.models. Checked
+    for the stages about to run (a stage, a flow's stages), not with the file: a config that drops
+    `rft` from evaluate.models is fine until a stage that reads RFT's evaluation runs."""
+    for key, value in marked_params(params, "model_name").items():
+        if keys(key) and value not in params.evaluate.models:
+            raise UserError(f"{src}: {key}: expected one of evaluate.models ({', '.join(params.evaluate.models)}), "
+                            f"got {value!r}")
+
+
 def path_params(params: Params) -> dict[str, str]:
     """{dotted key: value} of every param marked `path` (see `bounds`)."""
+    return marked_params(params, "path")
+
+
+def marked_params(params: Params, mark: str) -> dict[str, str]:
+    """{dotted key: value} of every string param whose metadata has `mark` (see `bounds`)."""
     out: dict[str, str] = {}
 
     def walk(obj: Any, prefix: str) -> None:
@@ -534,7 +559,7 @@ def path_params(params: Params) -> dict[str, str]:
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 walk(value, prefix + f.name + ".")
-            elif f.metadata.get("path") and isinstance(value, str):
+            elif f.metadata.get(mark) and isinstance(value, str):
                 out[prefix + f.name] = value
 
     walk(params, "")

@@ -45,7 +45,7 @@ def declared_params(root: Path, stage: str) -> set[str]:
     return keys
 
 
-def _covered(key: str, declared: set[str]) -> bool:
+def covered(key: str, declared: set[str]) -> bool:
     """True if `key` or one of its ancestors is declared."""
     parts = key.split(".")
     return any(".".join(parts[:i]) in declared for i in range(1, len(parts) + 1))
@@ -66,11 +66,11 @@ class ParamsView:
 
     def _get(self, name: str, value: Any) -> Any:
         key = self._prefix + name
-        covered = _covered(key, self._declared)
-        if covered or _has_declared_child(key, self._declared):
+        is_covered = covered(key, self._declared)
+        if is_covered or _has_declared_child(key, self._declared):
             # Sections stay views so the leaves read are recorded; a mapping declared whole is
             # one value, while a mapping declared key by key (evaluate.models.<name>) stays a view.
-            if dataclasses.is_dataclass(value) or (isinstance(value, dict) and not covered):
+            if dataclasses.is_dataclass(value) or (isinstance(value, dict) and not is_covered):
                 return ParamsView(value, self._declared, key + ".", self.reads)
             self.reads.add(key)
             return value
@@ -94,7 +94,7 @@ class ParamsView:
     def __iter__(self):
         # Iterating a mapping reads its keys: the whole mapping must be declared.
         key = self._prefix.rstrip(".")
-        if not _covered(key, self._declared):
+        if not covered(key, self._declared):
             raise UndeclaredParam(f"the stage iterates param {key!r}, which its dvc.yaml entry does not declare")
         self.reads.add(key)
         return iter(self._obj)

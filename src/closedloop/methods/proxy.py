@@ -79,7 +79,7 @@ class ProxyConfig:
     # per model: chat (its chat template) or raw (the prompt's text, no template)
     templates: dict[str, str] = field(default_factory=lambda: {"base": "chat", "expert": "chat",
                                                                "anti_expert": "chat"})
-    tuned: str = "rft"  # the evaluate.models entry of the directly tuned base (gap closed's denominator)
+    tuned: str = field(default="rft", metadata=bounds(model_name=True))  # the evaluate.models entry of the directly tuned base (gap closed's denominator)
     small: ProxySmallParams = field(default_factory=ProxySmallParams)
     # the expert: the small model after the RFT recipe (LoRA SFT on RFT's verified samples, RFT's
     # settings but one epoch, for the demo's time)

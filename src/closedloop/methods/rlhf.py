@@ -69,8 +69,9 @@ class RLHFPolicyParams:
 
 @dataclass
 class RLHFEvalParams:
-    sft_name: str = "rft"  # the evaluate.models entry whose eval@ responses are the SFT model's
-    policy_name: str = "rlhf"  # the evaluate.models entry of this method's policy
+    # the evaluate.models entry whose eval@ responses are the SFT model's
+    sft_name: str = field(default="rft", metadata=bounds(model_name=True))
+    policy_name: str = field(default="rlhf", metadata=bounds(model_name=True))  # the entry of this method's policy
     max_prompts: int = field(default=16, metadata=bounds(ge=1))  # held-out prompts scored by the RM
     kl_samples: int = field(default=1, metadata=bounds(ge=1, le=64))  # policy samples per prompt for KL(pi || SFT)
     kl_max_new_tokens: int = field(default=32, metadata=bounds(ge=1, le=100_000))
