@@ -53,7 +53,7 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
     return upstream, methods, stale
 
 
-def declared_params(root: Path) -> dict[str, set[str]]:
+def params_by_stage(root: Path) -> dict[str, set[str]]:
     """{stage: the dotted param keys it declares in dvc.yaml}, foreach expanded, in one pass."""
     from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException

@@ -393,3 +393,22 @@ def test_a_stage_whose_parent_run_is_not_in_the_store_stops_before_running(proje
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "has no run 0123456789abcdef0123456789abcdef" in lines[0] and "mlflow.db" in lines[0]
     assert snapshot(root) == before
+
+
+def test_an_output_directory_symlinked_outside_the_project_is_refused(project, tmp_path):
+    """data/eval -> a directory elsewhere: the stage would write there and DVC later delete there."""
+    root, env = project
+    link, outside = root / "data/eval", tmp_path / "elsewhere"
+    outside.mkdir()
+    assert not link.exists()  # the fixture never evaluated
+    link.symlink_to(outside)
+    try:
+        before = snapshot(root)
+        proc = subprocess.run(EVAL, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        after = snapshot(root)
+    finally:
+        link.unlink()
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: data/eval/base/") and f"resolves to {outside}" in lines[0]
+    assert after == before and list(outside.iterdir()) == []

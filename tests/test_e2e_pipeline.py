@@ -214,7 +214,7 @@ def test_every_stage_reads_exactly_the_params_it_declares(project):
     """Recorded, not hand-listed: the keys each stage's code read (its MLflow tag) against the
     keys its dvc.yaml entry declares, expanded to leaves. Reading an undeclared key fails the stage."""
     from closedloop.config import load_params
-    from closedloop.stage_params import declared_params, leaf_keys
+    from closedloop.stage_params import declaration, leaf_keys
 
     root, _, _ = project
     params = load_params(root / "params.yaml")
@@ -223,7 +223,7 @@ def test_every_stage_reads_exactly_the_params_it_declares(project):
     for run in children[parents[0].info.run_id]:
         stage = run.data.tags["closedloop.dvc_stage"]
         read = set(filter(None, run.data.tags["closedloop.params_read"].split(",")))
-        declared = leaf_keys(params, declared_params(root, stage))
+        declared = leaf_keys(params, declaration(root, stage).params)
         if read != declared:
             mismatches[stage] = {"declared, not read": sorted(declared - read), "read, not declared": sorted(read - declared)}
     assert mismatches == {}

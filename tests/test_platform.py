@@ -13,7 +13,7 @@ from closedloop.errors import UserError
 from closedloop.evaluate.bootstrap import paired_difference, ratio_interval
 from closedloop.evaluate.compare import compare_suite, markdown
 from closedloop.methods.rft import select
-from closedloop.stage_params import ParamsView, UndeclaredParam, declared_params, leaf_keys
+from closedloop.stage_params import ParamsView, UndeclaredParam, declaration, leaf_keys
 from closedloop.stages import get_stage, registry
 from conftest import PROJECT
 
@@ -77,7 +77,7 @@ def test_a_param_naming_a_path_is_a_dep_of_every_stage_that_declares_it(params):
         stages = list(repo.index.stages)
     checked = 0
     for stage in stages:
-        declared = declared_params(PROJECT, stage.addressing)
+        declared = declaration(PROJECT, stage.addressing).params
         deps = {str(d.def_path) for d in stage.deps}
         for key, value in paths.items():
             if any(key == d or key.startswith(d + ".") for d in declared):

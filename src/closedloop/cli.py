@@ -18,16 +18,18 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
     from closedloop import progress
     from closedloop.config import check_model_names, load_params
-    from closedloop.io import is_main_process
-    from closedloop.stage_params import ParamsView, covered, declared_params
+    from closedloop.io import check_outputs_inside, is_main_process
+    from closedloop.stage_params import ParamsView, covered, declaration
     from closedloop.stages import get_stage
     from closedloop.tracking import stage_run
 
     root = Path.cwd()
     fn, key = get_stage(args.name)  # unknown stage: error before anything else
     params = load_params(root / "params.yaml")
-    declared = declared_params(root, args.name)
+    stage = declaration(root, args.name)
+    declared = stage.params
     check_model_names(params, "params.yaml", lambda k: covered(k, declared))
+    check_outputs_inside(root, stage.outs)
     view = ParamsView(params, declared)
     if not is_main_process():
         # Extra ranks of `accelerate launch`: train alongside rank 0; their MLflow calls go to a

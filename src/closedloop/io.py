@@ -37,6 +37,19 @@ def remove_stale_tmp(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def check_outputs_inside(root: Path, outputs: Iterable[str]) -> None:
+    """Each output path, symlinks followed, stays inside the project: DVC caches, checks out and
+    removes outputs there, and a directory symlinked elsewhere (data/eval -> /mnt/x) would have
+    a stage write, and DVC later delete, files outside it."""
+    top = root.resolve()
+    for out in outputs:
+        real = (root / out).resolve()
+        if not real.is_relative_to(top):
+            raise UserError(f"{out}: resolves to {real}, outside the project (a symlink on its path?); "
+                            "outputs stay inside it, where DVC caches them: remove the link, or link the "
+                            "whole project instead")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

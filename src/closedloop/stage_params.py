@@ -20,8 +20,14 @@ class UndeclaredParam(RuntimeError):
     Not an AttributeError, so `getattr(view, key, default)` cannot swallow it."""
 
 
-def declared_params(root: Path, stage: str) -> set[str]:
-    """The dotted param keys the stage declares in dvc.yaml, from DVC's own parse (foreach expanded)."""
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    params: set[str]  # the dotted param keys
+    outs: list[str]  # outputs, as dvc.yaml writes them (relative to the project)
+
+
+def declaration(root: Path, stage: str) -> Declaration:
+    """What the stage declares in dvc.yaml, from DVC's own parse (foreach expanded)."""
     from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -38,11 +44,8 @@ def declared_params(root: Path, stage: str) -> set[str]:
         raise UserError(f"dvc.yaml: stage {stage!r} is a group; run one of its stages: "
                         f"{', '.join(s.name for s in found) or '(none: its foreach is empty)'}")
     (resolved,) = found
-    keys: set[str] = set()
-    for dep in resolved.deps:
-        if isinstance(dep, ParamsDependency):
-            keys.update(dep.params or [])
-    return keys
+    keys = {k for dep in resolved.deps if isinstance(dep, ParamsDependency) for k in dep.params or []}
+    return Declaration(keys, [str(out.def_path) for out in resolved.outs])
 
 
 def covered(key: str, declared: set[str]) -> bool:
