@@ -76,6 +76,46 @@ def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+RANK_WRITER = """
+import sys, time
+from pathlib import Path
+from closedloop.io import atomic_dir
+out, started, go = map(Path, sys.argv[1:])
+with atomic_dir(out) as tmp:
+    (tmp / "first").write_text("written")
+    started.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    (tmp / "second").write_text("written")
+"""
+
+
+def test_an_extra_rank_starting_while_rank_0_writes_leaves_its_output_alone(tmp_path):
+    """`accelerate launch`: rank 1 opens the same output while rank 0 is half-way through it (it
+    used to remove rank 0's temporary as a stale one, and rank 0 failed)."""
+    import subprocess
+    import sys
+    import time
+
+    out, scratch = tmp_path / "out" / "model", tmp_path / "signals"
+    scratch.mkdir()
+
+    def rank(n: str, started: str, go: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", RANK_WRITER, str(out), str(scratch / started), str(scratch / go)],
+                                env=os.environ | {"RANK": n}, stderr=subprocess.PIPE, text=True)
+
+    rank0 = rank("0", "started0", "go0")
+    while not (scratch / "started0").exists() and rank0.poll() is None:
+        time.sleep(0.01)
+    (scratch / "go1").touch()
+    rank1 = rank("1", "started1", "go1")
+    assert rank1.wait(timeout=60) == 0, rank1.stderr.read()
+    (scratch / "go0").touch()
+    assert rank0.wait(timeout=60) == 0, rank0.stderr.read()
+    assert sorted(p.name for p in out.iterdir()) == ["first", "second"]
+    assert [p.name for p in out.parent.iterdir()] == ["model"]  # no temporary left, rank 1's never here
+
+
 def test_read_jsonl_names_the_bad_line(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"a": 1}\n\n[1, 2]\n')

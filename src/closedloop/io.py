@@ -71,15 +71,31 @@ def _name_output(e: OSError, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _rank_scratch(path: Path, directory: bool) -> Iterator[Path]:
+    """An extra rank's stand-in for `path`, in the system's temporary directory: never beside the
+    output, where rank 0 cleans up stale temporaries and swaps its own into place (an extra rank
+    starting while rank 0 writes would otherwise delete rank 0's temporary)."""
+    with tempfile.TemporaryDirectory(prefix=f"closedloop-rank{os.environ.get('RANK')}-") as scratch:
+        tmp = Path(scratch) / path.name
+        if directory:
+            tmp.mkdir()
+        yield tmp
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary file path beside `path`; rename it onto `path` only if the block succeeds.
+    In an extra rank of a multi-process launch: a scratch path that is discarded."""
     path = Path(path)
+    if not is_main_process():
+        with _rank_scratch(path, directory=False) as tmp:
+            yield tmp
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
         yield tmp
-        if is_main_process():
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except OSError as e:
         _name_output(e, path)
         raise
@@ -89,17 +105,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; swap it into place only if the block succeeds."""
+    """Yield a temporary directory beside `path`; swap it into place only if the block succeeds.
+    In an extra rank of a multi-process launch: a scratch directory that is discarded."""
     path = Path(path)
+    if not is_main_process():
+        with _rank_scratch(path, directory=True) as tmp:
+            yield tmp
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the directory gets what a plain mkdir would
     try:
         yield tmp
-        if not is_main_process():
-            pass
-        elif path.exists():
+        if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
