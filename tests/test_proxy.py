@@ -163,3 +163,30 @@ def test_small_model_keeps_the_most_influential_layers_with_their_weights(trio):
     assert small.config.num_hidden_layers == 1
     assert torch.equal(small.model.layers[0].mlp.down_proj.weight, base.model.layers[keep[0]].mlp.down_proj.weight)
     assert torch.equal(small.lm_head.weight, base.lm_head.weight)
+
+
+def test_gap_closed_interval_is_fiellers_and_unbounded_when_the_tuned_gain_is_unclear():
+    import numpy as np
+
+    from closedloop.methods.proxy import gap_closed
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 400).astype(float)
+    tuned = np.maximum(base, rng.random(400) < 0.4)  # a clear gain: about 0.2
+    proxy = np.where(rng.random(400) < 0.5, tuned, base)  # about half of it
+    gap = gap_closed(base, tuned, proxy)
+    assert gap["bounded"] == 1.0 and gap["ci_low"] < gap["value"] < gap["ci_high"]
+    assert gap["value"] == pytest.approx((proxy - base).mean() / (tuned - base).mean())
+    # at the set's ends the paired difference's mean is exactly z standard errors from 0
+    for r in (gap["ci_low"], gap["ci_high"]):
+        d = (proxy - base) - r * (tuned - base)
+        assert abs(d.mean()) / (d.std(ddof=1) / np.sqrt(len(d))) == pytest.approx(1.959964, rel=1e-6)
+    # two prompts of tuned gain in 48: no ratio is ruled out (a bootstrap that drops the zero-gain
+    # resamples reported [-200%, 300%] here)
+    base, tuned = np.zeros(48), np.zeros(48)
+    tuned[:2] = 1.0
+    proxy = tuned.copy()
+    small = gap_closed(base, tuned, proxy)
+    assert small["value"] == 1.0 and small["bounded"] == 0.0
+    assert small["ci_low"] == -np.inf and small["ci_high"] == np.inf
+    assert gap_closed(base, base, proxy)["defined"] == 0.0

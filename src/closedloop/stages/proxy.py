@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,10 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
         rows = [{**r, "model": name} for r in swept[i * len(examples) : (i + 1) * len(examples)]]
         records += rows
         strict = [r["scores"]["prompt_level_strict"][0] / r["scores"]["prompt_level_strict"][1] for r in rows]
-        gap = proxy.gap_closed(base, tuned, strict, params.evaluate.bootstrap, params.seed)
+        gap = proxy.gap_closed(base, tuned, strict)
         metrics |= {f"{name}/gap_closed": gap["value"], f"{name}/gap_closed_ci_low": gap["ci_low"],
-                    f"{name}/gap_closed_ci_high": gap["ci_high"], f"{name}/prompt_level_strict": sum(strict) / len(strict)}
+                    f"{name}/gap_closed_ci_high": gap["ci_high"], f"{name}/gap_closed_bounded": gap["bounded"],
+                    f"{name}/prompt_level_strict": sum(strict) / len(strict)}
         metrics["tuned_gain"] = gap["tuned_gain"]
     # decoding speed on the same prompts: the base alone, then by proxy (three forwards a token)
     prompts = [chat(r["prompt"]) for r in examples[: p.speed_prompts]]
@@ -157,9 +159,10 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
                               prompts, p.speed_tokens, params.seed)
     metrics |= {"base_tokens_per_second": alone, "proxy_tokens_per_second": both, "proxy_speed_ratio": both / alone}
     write_jsonl(root / REPORT, records)
-    # gap closed is undefined (null here, not logged to MLflow) when the directly tuned model gained nothing
-    write_json(root / DATA / "eval_metrics.json", {k: (v if v == v else None) for k, v in metrics.items()})
-    mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+    # gap closed is undefined when the directly tuned model gained nothing, and its interval unbounded
+    # when that gain is not clear of 0: null in the metrics file, not logged to MLflow
+    write_json(root / DATA / "eval_metrics.json", {k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
+    mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
     mlflow.set_tags({f"closedloop.proxy_{r}": trio[r] for r in proxy.ROLES})  # the models this configuration resolved to
 
 
