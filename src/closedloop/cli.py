@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from closedloop.env import set_offline_defaults
@@ -150,11 +151,49 @@ def cmd_results(args: argparse.Namespace) -> None:
         print("README.md: results table updated")
 
 
+REPORT = Path("data/compare/report.md")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = Path.cwd() / REPORT
+    if not path.is_file():
+        raise UserError(f"{REPORT}: not found; the compare stage writes it (`dvc repro compare`, or the flow)")
+    print(path.read_text(encoding="utf-8"), end="")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose help can end with text computed only when help is asked for."""
+
+    def __init__(self, *args, more_help: Callable[[], str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.more_help = more_help
+
+    def format_help(self) -> str:
+        return super().format_help() + (self.more_help() if self.more_help else "")
+
+
+def list_stages() -> str:
+    """The stages of ./dvc.yaml by method, for `closedloop stage --help`."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load((Path.cwd() / "dvc.yaml").read_text())["stages"]
+        by_method: dict[str, list[str]] = {}
+        for name, st in stages.items():
+            body = st.get("do", st)  # a foreach group: its stages are NAME@<key>
+            method = (body.get("meta") or st.get("meta") or {}).get("method", "shared")
+            by_method.setdefault(method, []).append(f"{name}@<key>" if "foreach" in st or "matrix" in st else name)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return "\n(no readable dvc.yaml here to list the stages of)\n"
+    return "\nstages in ./dvc.yaml, by method:\n" + "".join(f"  {m}: {', '.join(n)}\n" for m, n in by_method.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="closedloop", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls); it reads params.yaml")
-    p.add_argument("name")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls); it reads params.yaml",
+                       more_help=list_stages)
+    p.add_argument("name", help="a stage of dvc.yaml (listed below), e.g. prepare or eval@base")
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("stage-server", help="serve stage processes forked after the heavy imports; "
                                             "CLOSEDLOOP_STAGE_SERVER=SOCKET sends stages to it")
@@ -184,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="regenerate the README's results table from results/*.json")
     p.add_argument("--check", action="store_true", help="exit 2 if the README's table is not what the files give")
     p.set_defaults(func=cmd_results)
+    p = sub.add_parser("report", help=f"print the last comparison report ({REPORT})")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("params", help="validate params.yaml")
     p.add_argument("params", nargs="?", default="params.yaml")
     p.set_defaults(func=cmd_params)

@@ -1,0 +1,29 @@
+"""The command line's own help and reports: `closedloop stage --help`, `closedloop report`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def closedloop(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["closedloop", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_stage_help_lists_the_stages_of_dvc_yaml_by_method():
+    out = closedloop("stage", "--help", cwd=PROJECT).stdout
+    listed = dict(line.strip().split(": ", 1) for line in out.split("by method:\n")[1].splitlines() if ": " in line)
+    assert listed["shared"] == "base, prepare, facts, eval@<key>, compare"
+    assert "spar_refine@<key>" in listed["spar"] and listed["rlhf"].startswith("rlhf_prefs, rlhf_rm")
+
+
+def test_report_prints_the_last_comparison_or_says_which_stage_writes_it(tmp_path):
+    missing = closedloop("report", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        "error: data/compare/report.md: not found; the compare stage writes it (`dvc repro compare`, or the flow)")
+    (tmp_path / "data/compare").mkdir(parents=True)
+    (tmp_path / "data/compare/report.md").write_text("| model | strict |\n| base | 27.1 |\n")
+    shown = closedloop("report", cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout == "| model | strict |\n| base | 27.1 |\n"
