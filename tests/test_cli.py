@@ -27,3 +27,20 @@ def test_report_prints_the_last_comparison_or_says_which_stage_writes_it(tmp_pat
     (tmp_path / "data/compare/report.md").write_text("| model | strict |\n| base | 27.1 |\n")
     shown = closedloop("report", cwd=tmp_path)
     assert shown.returncode == 0 and shown.stdout == "| model | strict |\n| base | 27.1 |\n"
+
+
+def test_hf_hub_offline_0_is_the_one_switch_for_models_and_datasets(monkeypatch):
+    import os
+
+    from closedloop.env import set_offline_defaults
+
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    set_offline_defaults()
+    assert [os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")] == ["1"] * 3
+    for key in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # a value the user chose is kept
+    set_offline_defaults()
+    assert [os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")] == ["0", "0", "1"]
