@@ -27,7 +27,8 @@ def branch(method: str) -> list[str]:
     """The method's stages and the shared eval@ stages downstream of them, in execution order."""
     from stage_graph import execution_order, stage_graph
 
-    upstream, methods, _ = stage_graph(ROOT)
+    graph = stage_graph(ROOT)
+    upstream, methods = graph.upstream, graph.methods
     own = {s for s in upstream if methods[s] == method}
     if not own:
         sys.exit(f"no stage in dvc.yaml has meta.method {method!r} (methods: {', '.join(sorted(set(methods.values())))})")

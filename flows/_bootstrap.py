@@ -35,11 +35,10 @@ def check_inputs_or_exit(targets: list[str]) -> None:
 
     try:
         params = load_params(ROOT / "params.yaml")
-        from stage_graph import params_by_stage, stage_graph, stages_to_run
+        from stage_graph import stage_graph, stages_to_run
 
-        graph, methods, _ = stage_graph(ROOT, with_status=False)
-        declared = params_by_stage(ROOT)
-        keys = set().union(*(declared[s] for s in stages_to_run(graph, methods, targets)))
+        graph = stage_graph(ROOT, with_status=False)
+        keys = set().union(*(graph.params[s] for s in stages_to_run(graph.upstream, graph.methods, targets)))
         check_model_names(params, "params.yaml", lambda key: covered(key, keys))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -55,7 +55,11 @@ class FlowInputs:
 
 
 def flow_inputs(params) -> FlowInputs:
-    return FlowInputs((ROOT / "params.yaml").read_bytes(), tracking.store_identity(ROOT, params.tracking.tracking_uri))
+    try:
+        text = (ROOT / "params.yaml").read_bytes()
+    except OSError:  # gone, or being replaced: changed either way
+        text = b""
+    return FlowInputs(text, tracking.store_identity(ROOT, params.tracking.tracking_uri))
 
 
 def stop_if_changed(at_start: FlowInputs, params, executed: list[str]) -> None:
@@ -99,7 +103,8 @@ def pipeline(targets: list[str] | None = None) -> dict:
     logger = get_run_logger()
     params_text = (ROOT / "params.yaml").read_bytes()
     params = load_params(ROOT / "params.yaml")  # before any compute
-    graph, methods, stale = stage_graph(ROOT)
+    stages = stage_graph(ROOT)
+    graph, methods, stale = stages.upstream, stages.methods, stages.stale
     order = execution_order(graph, methods, targets, stale)
     logger.info("stages: %s", " -> ".join(order))
     flow_run_id = str(flow_run.get_id() or "")

@@ -4,6 +4,7 @@ Prefect here: the flow checks targets with it before Prefect starts)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from closedloop.errors import UserError, dvc_error
@@ -16,10 +17,18 @@ LOCK_WAIT_SECONDS = 6 * 3600
 LOCK_POLL_SECONDS = 2
 
 
-def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[str]], dict[str, str], set[str]]:
-    """({stage: [upstream stages]} in dvc.yaml order, {stage: its meta.method}, stages DVC reports
-    as changed now (empty without `with_status`)), all from DVC's own API in one pass over the index.
-    A dvc.yaml DVC cannot read raises UserError."""
+@dataclass(frozen=True)
+class StageGraph:
+    upstream: dict[str, list[str]]  # {stage: the stages it depends on}, in dvc.yaml order
+    methods: dict[str, str]  # {stage: its meta.method}
+    stale: set[str]  # the stages DVC reports as changed now (empty without `with_status`)
+    params: dict[str, set[str]]  # {stage: the dotted param keys it declares}
+
+
+def stage_graph(root: Path, with_status: bool = True) -> StageGraph:
+    """The stage graph from DVC's own API, in one pass over the index. A dvc.yaml DVC cannot read
+    raises UserError."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.lock import LockError
     from dvc.repo import Repo
@@ -39,6 +48,8 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
                 upstream = {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage))
                             for s in stages}
                 methods = {s.name: (s.meta or {}).get("method", "shared") for s in stages}
+                params = {s.name: {k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params or []}
+                          for s in stages}
                 stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
             break
         except LockError as e:
@@ -50,22 +61,7 @@ def stage_graph(root: Path, with_status: bool = True) -> tuple[dict[str, list[st
                 raise dvc_error(e) from None
             lock_rereads -= 1
             time.sleep(LOCK_POLL_SECONDS)
-    return upstream, methods, stale
-
-
-def params_by_stage(root: Path) -> dict[str, set[str]]:
-    """{stage: the dotted param keys it declares in dvc.yaml}, foreach expanded, in one pass."""
-    from dvc.dependency.param import ParamsDependency
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-    from dvc.stage import PipelineStage
-
-    try:
-        with Repo(str(root)) as repo:
-            return {s.name: {k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params or []}
-                    for s in repo.index.stages if isinstance(s, PipelineStage)}
-    except DvcException as e:
-        raise dvc_error(e) from None
+    return StageGraph(upstream, methods, stale, params)
 
 
 def stages_to_run(graph: dict[str, list[str]], methods: dict[str, str], targets: list[str]) -> set[str]:

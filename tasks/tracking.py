@@ -22,9 +22,9 @@ def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iter
     tags = tracking.lineage_tags(root, None, model_id(root / params.model.base))
     tags |= {tracking.TAG_FLOW_RUN: flow_run_id, tracking.TAG_KIND: "pipeline"}
     run = mlflow.start_run(run_name="pipeline", tags=tags)
-    store = tracking.store_identity(root, params.tracking.tracking_uri)
-    status = "FAILED"
+    status, store = "FAILED", None
     try:
+        store = tracking.store_identity(root, params.tracking.tracking_uri)
         mlflow.log_params({"targets": ",".join(targets) or "all"} |
                           {k: ("null" if v is None else v) for k, v in tracking.flatten(params.as_dict()).items()})
         yield run.info  # run_id, experiment_id

@@ -365,8 +365,8 @@ def test_a_file_size_limit_gives_one_line_exit_2_and_no_partial_output(project, 
 
 
 def test_a_stage_waits_for_the_mlflow_store_another_process_holds_locked(project):
-    """An exclusive lock on mlflow.db for 12 s (sqlite3 alone gives up after 5 s): the stage waits
-    for it, bounded (closedloop.tracking.SQLITE_BUSY_SECONDS), and then runs."""
+    """An exclusive lock on mlflow.db for 12 s (opening the store gave up after sqlite3's 5 s): the
+    stage waits for it, bounded (20 s: closedloop.tracking.SQLITE_BUSY_SECONDS), and then runs."""
     root, env = project
     hold = ("import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
             "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(12); c.execute('COMMIT')")

@@ -31,6 +31,14 @@ def test_refusals_that_libraries_rewrap_as_text_are_found_by_their_text():
 def test_anything_else_keeps_its_traceback():
     assert environment_error(ValueError("shapes do not match")) is None
     assert environment_error(OSError(errno.ENOENT, "No such file or directory", "x")) is None
+    try:  # a refusal handled on the way (a hard link refused, then a copy) is not the error
+        try:
+            raise OSError(errno.EPERM, "Operation not permitted", "models/rft")
+        except OSError:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "models/base") from None
+    except FileNotFoundError as later:
+        later.__suppress_context__ = False
+        assert environment_error(later) is None
     looped = RuntimeError("a")
-    looped.__context__ = looped  # a cycle ends the walk
+    looped.__cause__ = looped  # a cycle ends the walk
     assert environment_error(looped) is None

@@ -52,7 +52,7 @@ def test_view_reads_only_declared_params_and_records_them(params):
 
 
 def test_every_dvc_stage_dispatches_to_a_function(graph):
-    upstream, methods, _ = graph
+    upstream, methods = graph.upstream, graph.methods
     for stage in upstream:
         fn, key = get_stage(stage)
         assert callable(fn)
@@ -63,7 +63,7 @@ def test_every_dvc_stage_dispatches_to_a_function(graph):
 
 
 def test_every_stage_is_tagged_with_its_method(graph):
-    _, methods, _ = graph
+    methods = graph.methods
     assert methods["base"] == methods["eval@rft"] == methods["compare"] == "shared"
     assert methods["rft_train"] == "rft" and methods["spar_refine@it1"] == "spar"
 
@@ -186,7 +186,7 @@ def test_paired_interval_is_tighter_than_independent_ones():
 def test_spct_target_runs_its_stages_and_what_they_read(graph):
     """`--target spct` on the real graph: SPCT's six stages, plus the RFT samples its default data
     source reads, never another method's training or evaluation."""
-    upstream, methods, _ = graph
+    upstream, methods = graph.upstream, graph.methods
     order = execution_order(upstream, methods, ["spct"], set(upstream))  # a fresh clone: everything stale
     spct = [s for s in order if methods[s] == "spct"]
     assert spct == [f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")]
@@ -195,7 +195,7 @@ def test_spct_target_runs_its_stages_and_what_they_read(graph):
 
 
 def test_rlhf_and_proxy_targets_run_their_stages_and_what_they_read(graph):
-    upstream, methods, _ = graph
+    upstream, methods = graph.upstream, graph.methods
     order = execution_order(upstream, methods, ["rlhf"], set(upstream))
     assert [s for s in order if methods[s] == "rlhf"] == [f"rlhf_{s}" for s in ("prefs", "rm", "policy", "eval")]
     assert {"rft_train", "eval@rft", "eval@base", "eval@rlhf"} <= set(order)  # the SFT model and the rows it judges

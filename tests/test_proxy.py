@@ -177,10 +177,15 @@ def test_gap_closed_interval_is_fiellers_and_unbounded_when_the_tuned_gain_is_un
     gap = gap_closed(base, tuned, proxy)
     assert gap["bounded"] == 1.0 and gap["ci_low"] < gap["value"] < gap["ci_high"]
     assert gap["value"] == pytest.approx((proxy - base).mean() / (tuned - base).mean())
-    # at the set's ends the paired difference's mean is exactly z standard errors from 0
+    # at the set's ends the paired difference's mean is exactly t standard errors from 0
+    t_quantile = 1.965927  # Student's t, 399 degrees of freedom, 0.975
     for r in (gap["ci_low"], gap["ci_high"]):
         d = (proxy - base) - r * (tuned - base)
-        assert abs(d.mean()) / (d.std(ddof=1) / np.sqrt(len(d))) == pytest.approx(1.959964, rel=1e-6)
+        assert abs(d.mean()) / (d.std(ddof=1) / np.sqrt(len(d))) == pytest.approx(t_quantile, rel=1e-5)
+    # the proxy equal to the tuned model on every example: exactly 1, the set shrinks to it
+    same = gap_closed(base, tuned, tuned)
+    assert same["bounded"] == 1.0 and same["ci_low"] == pytest.approx(1.0) == same["ci_high"]
+    assert gap_closed([0.0], [1.0], [1.0])["bounded"] == 0.0  # one example: no standard error
     # two prompts of tuned gain in 48: no ratio is ruled out (a bootstrap that drops the zero-gain
     # resamples reported [-200%, 300%] here)
     base, tuned = np.zeros(48), np.zeros(48)

@@ -95,9 +95,9 @@ VERDICT_LINES = ("Verdict: yes\n", "Verdict: no\n")
 def save_tiny_judging_model(path: Path, yes_logit: float = -0.7, seed: int = 0) -> Path:
     """The tiny model of `save_tiny_model`, whose every token is one of two whole verdict lines
     (`Verdict: yes` / `Verdict: no`, added tokens), drawn with the same odds in any context: every
-    judgment parses and k sampled votes split as coin flips do (yes at about 35% per token at the
-    X's refinement trees fail at their roots, grow past depth 1 and
-    sometimes pass the gate. The shared tiny model has no "Verdict" in its vocabulary (none of its
+    judgment parses and k sampled votes split as coin flips do (yes for about one vote in four at
+    the judge's temperature 0.7), so SPAR's refinement trees fail at their roots, grow past depth 1
+    and sometimes pass the gate. The shared tiny model has no "Verdict" in its vocabulary (none of its
     votes parses), and growing that vocabulary would change every random output the tests pin.
 
     How: one hidden dimension of every input embedding is set far above the rest, so after the

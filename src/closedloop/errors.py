@@ -41,8 +41,10 @@ _REFUSED_TEXT = {os.strerror(n): why for n, why in _REFUSED.items()} | {
 
 def environment_error(e: BaseException) -> UserError | None:
     """One line for what the machine refused (a full disk, a file-size limit, a read-only or
-    forbidden path, the MLflow store locked by another process), found anywhere in the chain of
-    causes; None for anything else, whose traceback is the useful report (a bug)."""
+    forbidden path, the MLflow store locked by another process), found in the chain of explicit
+    causes (`raise ... from e`, as libraries wrap OSError); None for anything else, whose traceback
+    is the useful report (a bug). Not the implicit context: an error handled on the way (a hard
+    link refused, then a copy) must not be reported instead of the one that ended the stage."""
     seen: set[int] = set()
     exc: BaseException | None = e
     while exc is not None and id(exc) not in seen:
@@ -57,5 +59,5 @@ def environment_error(e: BaseException) -> UserError | None:
         for known, why in _REFUSED_TEXT.items():
             if known in text:
                 return UserError(f"{why}: {text[:300]}")
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None

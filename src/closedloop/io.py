@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import json
 import math
 import os
@@ -64,9 +65,13 @@ def _tmp_path(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+# what a write into the output can fail with, reported without a file name by write()
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
 def _name_output(e: OSError, path: Path) -> None:
     """A write's OSError (a full disk, a file-size limit) names no file: name the output it was for."""
-    if e.filename is None:
+    if e.filename is None and e.errno in _WRITE_ERRORS:
         e.filename = str(path)
 
 

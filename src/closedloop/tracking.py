@@ -50,9 +50,10 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(store_root(root) / 'mlflow.db').resolve()}"
 
 
-# How long a statement waits for a SQLite store another process holds locked (sqlite3's default, 5 s,
-# failed stages beside a long write or a `sqlite3` shell's transaction), as DVC's locks are waited for.
-SQLITE_BUSY_SECONDS = 60
+# How long a SQLite store another process holds locked is waited for. MLflow's sessions set their
+# own busy timeout, 20 s (mlflow.store.db.utils); opening the store (its schema check) had sqlite3's
+# 5 s and failed stages beside a long write, so the URI gives the connection the same 20 s.
+SQLITE_BUSY_SECONDS = 20
 
 
 def sqlite_path(uri: str) -> Path | None:

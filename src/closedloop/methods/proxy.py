@@ -157,31 +157,33 @@ def derive_small(model: Any, keep: Sequence[int]) -> Any:
     return small
 
 
-def gap_closed(base: Sequence[float], tuned: Sequence[float], proxy: Sequence[float], z: float = 1.959964) -> dict[str, float]:
+def gap_closed(base: Sequence[float], tuned: Sequence[float], proxy: Sequence[float]) -> dict[str, float]:
     """(proxy - base) / (tuned - base) over the same examples, with Fieller's 95% confidence set
     for a ratio of paired means: the ratios r for which the mean of (proxy - base) - r (tuned - base)
-    is within z standard errors of 0. Written here because no library has it; a bootstrap of the
-    ratio must drop (or mishandle) the resamples in which the tuned model gains nothing, which hides
-    exactly the case where the gap is not identified. The set is an interval only when the tuned
-    model's gain is itself clear of 0 (`bounded` 1); otherwise it is unbounded and ci_low/ci_high are
-    -inf/+inf: no gap closed is ruled out. `defined` is 0 when the tuned model's gain is 0."""
+    is within t standard errors of 0 (t: Student's, n - 1 degrees of freedom). Written here because
+    no library has it; a bootstrap of the ratio must drop (or mishandle) the resamples in which the
+    tuned model gains nothing, which hides exactly the case where the gap is not identified. The set
+    is an interval only when the tuned model's gain is itself clear of 0 (`bounded` 1); otherwise it
+    is unbounded (the whole line, or two rays around an excluded stretch), reported as -inf/+inf.
+    `defined` is 0 when the tuned model's gain is 0."""
     import numpy as np
+    from scipy.stats import t as student
 
     b, t, p = (np.asarray(v, dtype=float) for v in (base, tuned, proxy))
     x, y = p - b, t - b  # each example's proxy gain and tuned gain
     n = len(x)
     mx, my = x.mean(), y.mean()
     value = float(mx / my) if my != 0 else float("nan")
-    cov = np.cov(x, y, ddof=1) / n if n > 1 else np.zeros((2, 2))  # the means' variances and covariance
-    # (mx - r my)^2 <= z^2 (vxx - 2 r vxy + r^2 vyy), as a r^2 + b r + c <= 0
-    a = my**2 - z**2 * cov[1, 1]
-    bq = -2 * (mx * my - z**2 * cov[0, 1])
-    c = mx**2 - z**2 * cov[0, 0]
-    disc = bq**2 - 4 * a * c
-    if a > 0 and disc >= 0:  # the ratio estimate always satisfies the inequality, so disc >= 0 when a > 0
-        root = float(np.sqrt(disc))
-        lo, hi, bounded = (-bq - root) / (2 * a), (-bq + root) / (2 * a), 1.0
-    else:
-        lo, hi, bounded = float("-inf"), float("inf"), 0.0
+    lo, hi, bounded = float("-inf"), float("inf"), 0.0
+    if n >= 2:  # one example has no standard error: nothing is ruled out
+        q = float(student.ppf(0.975, n - 1))
+        cov = np.cov(x, y, ddof=1) / n  # the two means' variances and covariance
+        # (mx - r my)^2 <= q^2 (vxx - 2 r vxy + r^2 vyy), as a r^2 + b r + c <= 0
+        a = my**2 - q**2 * cov[1, 1]
+        bq = -2 * (mx * my - q**2 * cov[0, 1])
+        c = mx**2 - q**2 * cov[0, 0]
+        if a > 0:  # the ratio estimate satisfies the inequality, so the roots are real (up to rounding)
+            root = float(np.sqrt(max(bq**2 - 4 * a * c, 0.0)))
+            lo, hi, bounded = (-bq - root) / (2 * a), (-bq + root) / (2 * a), 1.0
     return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "bounded": bounded, "tuned_gain": float(my),
             "proxy_gain": float(mx), "defined": float(my != 0)}
