@@ -70,19 +70,22 @@ def test_cost_counts_each_stage_once_from_where_it_ran(tmp_path):
             {"event": "end", "stage": "a", "ok": True, "seconds": 2.0, "attempt": "1", "commit": head},
             {"event": "end", "stage": "b", "ok": False, "seconds": 1.0, "attempt": "1", "commit": head},
             {"event": "end", "stage": "b", "ok": True, "seconds": 3.0, "attempt": "2", "commit": head},
-            {"event": "end", "stage": "d", "ok": True, "seconds": 99.0, "attempt": "1", "commit": "other"})
+            {"event": "end", "stage": "d", "ok": True, "seconds": 99.0, "attempt": "1", "commit": "other1234567"},
+            {"event": "end", "stage": "c", "ok": True, "seconds": 50.0, "attempt": "1", "commit": "other1234567"})
     state.attempt = 2
     with open(state.dir / "attempts.jsonl", "w") as f:
         f.write(json.dumps({"attempt": 2, "event": "start", "time": 0, "commit": head}) + "\n")
     (root / "later").write_text("a commit made while the run went on")
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "later")
-    cost = state.cost(root, "HEAD", ["a", "b", "c", "d"])
+    cost = state.cost(root, "HEAD", ["a", "b", "c", "d", "e"])
     assert cost["stages"] == {"a": {"seconds": 2.0, "source": "earlier attempt"},
                               "b": {"seconds": 3.0, "source": "ran"},
-                              "c": {"seconds": 7.0, "source": "cache"},
-                              "d": {"seconds": None, "source": "unknown"}}  # another commit's run is not this one
-    assert cost["wall_seconds"] == 12.0
+                              "c": {"seconds": 7.0, "source": "cache"},  # the ledger's exact entry first
+                              # an attempt at another commit (code changed, the stage restored), named
+                              "d": {"seconds": 99.0, "source": "earlier attempt (commit other12)"},
+                              "e": {"seconds": None, "source": "unknown"}}
+    assert cost["wall_seconds"] == 111.0
     ledger = json.loads(state.ledger.read_text())
     assert ledger[md5["a"]] == {"stage": "a", "seconds": 2.0} and ledger[md5["b"]]["seconds"] == 3.0
 

@@ -177,15 +177,19 @@ class RunState:
         """Each planned stage's seconds and where they come from ("ran": in this attempt, "earlier
         attempt", "cache": measured when another run made it, "unknown"), their sum as
         `wall_seconds`, and each attempt's elapsed time. Records what this run measured in the
-        ledger, keyed by the stage's dvc.lock entry, for later runs that restore it."""
+        ledger, keyed by the stage's dvc.lock entry, for later runs that restore it.
+
+        An attempt of another commit (the code changed between attempts, not the stage: DVC
+        restored it) counts last, after the ledger's exact match, and says so: "earlier attempt
+        (commit abc1234)"."""
         from filelock import FileLock
 
         lock = _lock_entries(root, ref)
         commit = self._attempt_event("start")["commit"]  # HEAD may have moved while the run went on
-        ended = {}  # stage -> its newest successful end event of this commit (this run's key)
+        ended, elsewhere = {}, {}  # stage -> its newest successful end event of this commit / of another
         for e in self.events():
-            if e.get("event") == "end" and e.get("ok") and e.get("commit") in (commit, ""):
-                ended[e["stage"]] = e
+            if e.get("event") == "end" and e.get("ok"):
+                (ended if e.get("commit") in (commit, "") else elsewhere)[e["stage"]] = e
         with FileLock(str(self.ledger) + ".lock"):
             ledger = self.recorded_seconds()
             stages = {}
@@ -199,6 +203,11 @@ class RunState:
                         ledger[md5] = {"stage": stage, "seconds": seconds}
                 elif md5 in ledger:
                     source, seconds = "cache", ledger[md5]["seconds"]
+                elif stage in elsewhere:
+                    e = elsewhere[stage]
+                    source, seconds = f"earlier attempt (commit {str(e.get('commit'))[:7]})", e["seconds"]
+                    if md5:
+                        ledger[md5] = {"stage": stage, "seconds": seconds}
                 else:
                     source, seconds = "unknown", None
                 stages[stage] = {"seconds": seconds, "source": source}
