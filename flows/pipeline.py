@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +30,13 @@ if __name__ == "__main__":
     _bootstrap.check_inputs_or_exit(parse_args().target or [])
 
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from closedloop import tracking
 from closedloop.cache import state_dir
-from closedloop.config import load_params
+from closedloop.config import MAX_PARALLEL_STAGES, load_params
 from closedloop.errors import UserError
 from closedloop.stage_server import serving
 from stage_graph import execution_order, stage_graph
@@ -90,6 +93,57 @@ def stop_if_changed(at_start: FlowInputs, params, executed: list[str]) -> None:
                         f"it; the flow stops so that its stages' runs do not go to a store without it. {done}{again}")
 
 
+def run_stages(order: list[str], graph: dict[str, list[str]], stale: set[str], slots: list[dict[str, str]],
+               env: dict[str, str], check: Callable[[], None]) -> Iterator[tuple[str, dict]]:
+    """Run the stages, each once its upstream stages are done, as many at once as there are slots
+    (`launch.parallel_stages`; each slot's environment adds its devices); yields (stage, result) as
+    each ends. With one slot the stages run one after another in `order`.
+
+    Concurrent `dvc repro -s` processes keep DVC's records exact: DVC holds its repository lock
+    while it checks a stage and writes dvc.lock, and releases it while the stage's command runs
+    (`dvc.stage.decorators.unlocked_repo`), with the stage's dependencies and outputs locked for
+    reading and writing. `check` (that the flow's inputs are unchanged) runs before each start and
+    after the last end. A failed stage starts nothing more; the ones running finish, then its error
+    is raised."""
+    pending, done, ran = list(order), set(), set()
+    free, running = list(slots), {}
+    failure: BaseException | None = None
+    while pending or running:
+        while failure is None and free:
+            ready = next((s for s in pending if all(u in done for u in graph[s])), None)
+            if ready is None:
+                break
+            try:
+                check()
+            except UserError as e:  # the ones running finish first: their outputs are good
+                failure = e
+                break
+            pending.remove(ready)
+            # DVC decides: a stage it reported clean, none of whose upstream stages ran now, is
+            # still clean, so its task need not start `dvc repro` to hear that again.
+            known_clean = ready not in stale and not any(u in ran for u in graph[ready])
+            slot = free.pop(0)
+            running[run_stage.submit(ready, str(ROOT), {**env, **slot}, known_clean)] = (ready, slot)
+        if not running:
+            break
+        future = next(as_completed(list(running)))
+        stage, slot = running.pop(future)
+        free.append(slot)
+        try:
+            result = future.result()
+        except Exception as e:
+            failure = failure or e
+            continue
+        done.add(stage)
+        if result["ran"]:
+            ran.add(stage)
+        yield stage, result
+    if failure is not None:
+        check()  # such a change explains the failure best
+        raise failure
+    check()  # the last stage read them too
+
+
 def mlflow_ui_command(params, experiment_id: str) -> str:
     """The command that serves the MLflow UI on this project's store, and the page to open."""
     uri = params.tracking.tracking_uri or tracking.default_tracking_uri(ROOT)
@@ -98,7 +152,8 @@ def mlflow_ui_command(params, experiment_id: str) -> str:
             f"  then open {tracking.experiment_url('http://127.0.0.1:5000', experiment_id)}")
 
 
-@flow(name="closedloop-pipeline", log_prints=True)
+# a thread per running stage task (each waits on its `dvc repro`); run_stages bounds how many run
+@flow(name="closedloop-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_STAGES))
 def pipeline(targets: list[str] | None = None) -> dict:
     logger = get_run_logger()
     params_text = (ROOT / "params.yaml").read_bytes()
@@ -116,20 +171,11 @@ def pipeline(targets: list[str] | None = None) -> dict:
         # the store exists now: parent_run made it
         at_start = FlowInputs(params_text, tracking.store_identity(ROOT, params.tracking.tracking_uri))
         env = {tracking.PARENT_RUN_ENV: parent_id, tracking.FLOW_RUN_ENV: flow_run_id, **server_env}
-        for stage in order:
-            # DVC decides: a stage it reported clean, none of whose upstream stages ran now, is
-            # still clean, so its task need not start `dvc repro` to hear that again.
-            known_clean = stage not in stale and not any(u in executed for u in graph[stage])
-            stop_if_changed(at_start, params, executed)
-            try:
-                result = run_stage(stage, str(ROOT), env, known_clean)
-            except Exception:
-                stop_if_changed(at_start, params, executed)  # such a change explains the failure best
-                raise
+        for stage, result in run_stages(order, graph, stale, params.launch.slots(), env,
+                                        lambda: stop_if_changed(at_start, params, executed)):
             if result["ran"]:
                 executed.append(stage)
                 tag_lineage(str(ROOT), params, parent_id, stage)
-        stop_if_changed(at_start, params, executed)  # the last stage read them too
         ui = mlflow_ui_command(params, parent.experiment_id)
         table = publish_results(str(ROOT), ui)
     logger.info("stages run: %s", ", ".join(executed) or "none")

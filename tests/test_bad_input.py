@@ -137,6 +137,8 @@ CASES = [
          params={"tracking": {"experiment": " "}}),
     Case("params-unknown-tracking-scheme", PARAMS, ["params.yaml", "tracking.tracking_uri", "bogus://x"],
          params={"tracking": {"tracking_uri": "bogus://x"}}),
+    Case("params-devices-not-one-per-parallel-stage", PARAMS, ["params.yaml", "launch.devices", "parallel_stages = 2"],
+         params={"launch": {"parallel_stages": 2, "devices": ["0"]}}),
     Case("params-bad-claim-format", PARAMS, ["params.yaml", "evaluate.claim_format"],
          params={"evaluate": {"claim_format": "essay"}}),
     # dvc.yaml edits

@@ -4,6 +4,7 @@ temporary git repo copied from the project, tracked in a real MLflow SQLite stor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
         by_stage["proxy_eval"].data.metrics)
     gap = json.loads((root / "data/proxy/eval_metrics.json").read_text())  # NaN when the tuned model gained nothing
     assert {"proxy-a0.5/gap_closed", "proxy-a1/gap_closed_ci_low", "proxy-a1/gap_closed_ci_high"} <= set(gap)
+    assert gap["base/prompt_level_strict"] == mean_strict(root, "base")  # decoded there, as eval@base decodes it
     small = json.loads((root / "data/proxy/small_metrics.json").read_text())
     assert small["layers"] == 1 and small["base_layers"] == 2  # the more influential of the tiny model's 2 layers
     assert len(json.loads((root / "data/proxy/small_layers.json").read_text())["kept"]) == 1
@@ -240,6 +242,68 @@ def test_second_run_executes_nothing_and_dvc_is_clean(project):
     assert "Running stage" not in out
 
 
+def test_independent_branches_run_at_once_with_the_records_of_a_serial_run(project, tmp_path):
+    """launch.parallel_stages: 2 in a fresh copy of the project, bringing DCT's and proxy tuning's
+    branches up to date: independent stages run at the same time, and DVC records what the serial
+    run recorded (the module's project, same params: launch declares nothing)."""
+    root, env, _ = project
+    copy = copy_project(tmp_path / "parallel")
+    shutil.copy(root / "params.yaml", copy / "params.yaml")
+    set_params(copy, {"launch": {"parallel_stages": 2}})
+    copy_env = project_env(copy, Path(env["PREFECT_HOME"]))
+    proc = run_flow(copy, copy_env, "--target", "dct", "--target", "proxy")
+    ran = stages_run(proc)
+    assert DCT_STAGES | PROXY_STAGES - {"eval@proxy-expert"} <= ran  # and what they read (RFT's model, base, ...)
+    serial = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    parallel = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]
+    # the stages it ran have the entries the serial run wrote: the same deps, params and output hashes
+    # (metrics files aside: a trainer's holds its seconds)
+    def entries(lock):
+        return {s: {**lock[s], "outs": [o for o in lock[s].get("outs", []) if not o["path"].endswith("metrics.json")]}
+                for s in ran}
+    assert entries(parallel) == entries(serial)
+    assert "up to date" in dvc(copy, copy_env, "status", *sorted(ran))
+    parents, children = pipeline_runs(copy)
+    assert len(parents) == 1
+    runs = children[parents[0].info.run_id]  # one run per stage, each under the flow's one parent
+    assert sorted(r.data.tags["closedloop.dvc_stage"] for r in runs) == sorted(ran)
+    spans = {r.data.tags["closedloop.dvc_stage"]: (r.info.start_time, r.info.end_time) for r in runs}
+    # two stages ran at the same time (only independent ones can: each starts once its upstream ended)
+    overlapping = [(a, b) for a in ran for b in ran if a < b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
+    assert overlapping, spans
+
+
+def instruction_records(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted((r for r in rows if r["suite"] == "instruction_following"), key=lambda r: str(r["key"]))
+
+
+def mean_strict(root, model: str) -> float:
+    strict = [r["scores"]["prompt_level_strict"] for r in instruction_records(root / f"data/eval/{model}/records.jsonl")]
+    return sum(p / t for p, t in strict) / len(strict)
+
+
+def test_proxy_tuning_takes_its_differences_from_the_base_it_is_given(project):
+    """proxy.base overridden: proxy_eval's base is that model, decoded there (the held-out set fits
+    one batch in both stages, so its answers are eval@rft's), not eval@<evaluate.reference>'s."""
+    root, env, _ = project
+
+    def answers(path):
+        return [r["response"] for r in instruction_records(path)]
+    assert answers(root / "data/proxy/base_records.jsonl") == answers(root / "data/eval/base/records.jsonl")
+    rft = answers(root / "data/eval/rft/records.jsonl")
+    assert rft != answers(root / "data/eval/base/records.jsonl")  # else the test could not tell them apart
+    set_params(root, {"proxy": {"base": "models/rft"}})
+    try:
+        dvc(root, env, "repro", "proxy_eval")
+        assert answers(root / "data/proxy/base_records.jsonl") == rft
+        gap = json.loads((root / "data/proxy/eval_metrics.json").read_text())
+        assert gap["base/prompt_level_strict"] == mean_strict(root, "rft")
+    finally:
+        set_params(root, {"proxy": {"base": None}})
+    assert "Running stage" not in dvc(root, env, "repro", "proxy_eval")  # the earlier outputs, from the run cache
+
+
 def test_changing_one_param_reruns_only_downstream(project):
     root, env, _ = project
     set_params(root, {"rft": {"num_samples": 6}})
@@ -316,18 +380,56 @@ def test_a_forced_rerun_of_training_gives_the_same_bytes(project):
     assert changed_stages(root, env) == set()
 
 
-def test_dvc_push_and_pull_move_a_reproduction_to_another_clone(project, tmp_path):
-    """dvc.lock (committed) says what a reproduction produced; the remote carries it. The default
-    remote is overridden per clone with `dvc remote modify --local`."""
+@pytest.fixture
+def s3_server(tmp_path):
+    """A local S3-compatible server (moto's server mode) on a free 127.0.0.1 port, with one bucket;
+    the credentials are moto's placeholders."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    (tmp_path / "moto").mkdir()
+    proc = start([str(Path(VENV_BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto",
+                 os.environ.copy())
+    try:
+        wait_for("moto's S3 server", lambda: urllib.request.urlopen(endpoint, timeout=5).status == 200, 120, [proc])
+        creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="closedloop")
+        yield endpoint, creds
+    finally:
+        stop(proc)
+
+
+def use_remote(root, env, kind: str, where) -> None:
+    """Point the clone's default remote at `where`, this clone only (`dvc remote ... --local`), as
+    docs/usage.md shows: a directory, or an S3 bucket at an endpoint with its credentials."""
+    if kind == "local":
+        dvc(root, env, "remote", "modify", "--local", "local", "url", str(where))
+        return
+    endpoint, creds = where
+    dvc(root, env, "remote", "add", "--local", "--default", "s3", "s3://closedloop/project")
+    dvc(root, env, "remote", "modify", "--local", "s3", "endpointurl", endpoint)
+    for key, value in creds.items():
+        dvc(root, env, "remote", "modify", "--local", "s3", key.removeprefix("aws_"), value)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_dvc_push_and_pull_move_a_reproduction_to_another_clone(project, tmp_path, kind, request):
+    """dvc.lock (committed) says what a reproduction produced; the remote carries it: the default
+    directory remote, overridden per clone, or an S3 bucket (a real S3 protocol server, moto's)."""
     root, env, _ = project
-    remote = tmp_path / "remote"
-    dvc(root, env, "remote", "modify", "--local", "local", "url", str(remote))
-    dvc(root, env, "push")
+    where = tmp_path / "remote" if kind == "local" else request.getfixturevalue("s3_server")
+    use_remote(root, env, kind, where)
+    try:
+        dvc(root, env, "push")
+    finally:
+        if kind == "s3":  # the module's project keeps its default remote for the tests after this one
+            dvc(root, env, "remote", "remove", "--local", "s3")
     other = tmp_path / "other"
     subprocess.run(["git", "clone", "-q", str(root), str(other)], check=True)
     for name in ("params.yaml", "dvc.lock"):  # what a commit of this reproduction would hold
         shutil.copy(root / name, other / name)
-    dvc(other, env, "remote", "modify", "--local", "local", "url", str(remote))
+    use_remote(other, env, kind, where)
     assert changed_stages(other, env)  # nothing there yet
     dvc(other, env, "pull")
     assert changed_stages(other, env) == set()  # every output, metrics included, and no recompute

@@ -1,7 +1,7 @@
 """Typed params: params.yaml is validated once, before any compute.
 
-The shared sections (seed, model, prepare, evaluate, tracking) are defined here; every other
-top-level section belongs to a method and is defined by that method's module
+The shared sections (seed, model, prepare, facts, evaluate, tracking, launch) are defined here;
+every other top-level section belongs to a method and is defined by that method's module
 (`closedloop.methods.<name>.CONFIG`, a dataclass), discovered by name, so adding a method touches
 no file here. Each dataclass documents its defaults (TRL's config style) and holds its own
 cross-field checks in `__post_init__`, raising `FieldError`.
@@ -199,6 +199,35 @@ class TrackingParams:
                                                  f"(e.g. sqlite:///mlflow.db, http://127.0.0.1:5000), got {self.tracking_uri!r}")
 
 
+MAX_PARALLEL_STAGES = 1024
+
+
+@dataclass
+class LaunchParams:
+    """How stages run, not what they compute: no stage declares this section, so a change reruns nothing."""
+
+    # The flow runs up to this many stages at once where the graph allows it (independent branches:
+    # DCT, SPCT, proxy tuning after the shared stages). 1 on a 2-core machine: two torch processes
+    # there oversubscribe the cores and each runs several times slower.
+    parallel_stages: int = field(default=1, metadata=bounds(ge=1, le=MAX_PARALLEL_STAGES))
+    # One CUDA_VISIBLE_DEVICES value per concurrent stage, so each runs on its own GPUs ("0" and "1";
+    # "0,1" and "2,3" for two-GPU stages); null: every stage sees every device.
+    devices: list[str | int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.devices is not None:
+            self.devices = [str(d).strip() for d in self.devices]
+            if len(self.devices) != self.parallel_stages or not all(self.devices):
+                raise FieldError("devices", f"expected null or one CUDA_VISIBLE_DEVICES value per concurrent stage "
+                                            f"(parallel_stages = {self.parallel_stages}), got {self.devices!r}")
+
+    def slots(self) -> list[dict[str, str]]:
+        """The environment of each concurrent stage: its devices, if a pool is given."""
+        if self.devices is None:
+            return [{} for _ in range(self.parallel_stages)]
+        return [{"CUDA_VISIBLE_DEVICES": d} for d in self.devices]
+
+
 # MLflow's tracking stores: files, databases (SQLAlchemy dialects, with an optional +driver), a server
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
@@ -331,7 +360,7 @@ class PPOParams(TrainParams):
 
 
 SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "prepare": PrepareParams, "facts": FactsParams,
-                                    "evaluate": EvaluateParams, "tracking": TrackingParams}
+                                    "evaluate": EvaluateParams, "tracking": TrackingParams, "launch": LaunchParams}
 
 
 def method_configs() -> dict[str, type]:
@@ -356,6 +385,7 @@ class Params:
     facts: FactsParams = field(default_factory=FactsParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    launch: LaunchParams = field(default_factory=LaunchParams)
     methods: dict[str, Any] = field(default_factory=dict)  # {method: its CONFIG instance}
 
     def __getattr__(self, name: str) -> Any:

@@ -95,8 +95,11 @@ def setup(root: Path, tracking_uri: str | None, experiment: str) -> str:
     with FileLock(str(home / ".mlflow.lock")):
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
-            # Artifacts live beside the database, inside the project, with an absolute location.
-            artifacts = (home / "mlartifacts").resolve().as_uri()
+            # Artifacts live beside the database, inside the project, with an absolute location; a
+            # tracking server keeps them where it was told (`--artifacts-destination`), so runs logged
+            # from several machines are all in one place.
+            server = uri.split("://", 1)[0] in ("http", "https", "databricks")
+            artifacts = None if server else (home / "mlartifacts").resolve().as_uri()
             exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts,
                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:

@@ -7,8 +7,10 @@
                                                                         models/proxy/expert
     proxy_eval    the instruction-following suite decoded by proxy (base + alpha * (expert -
                   anti-expert)) at each alpha: rows of the comparison report
-                  (data/eval/proxy/records.jsonl); gap closed against the directly tuned base, with
-                  paired intervals; proxy decoding's tokens/s against the base alone
+                  (data/eval/proxy/records.jsonl); the base alone, decoded the same way
+                  (data/proxy/base_records.jsonl); gap
+                  closed against the directly tuned base (eval@<proxy.tuned>), with paired
+                  intervals; proxy decoding's tokens/s against the base alone
 """
 
 from __future__ import annotations
@@ -97,12 +99,17 @@ def _load(params: Any, root: Path, location: str) -> tuple[Any, Any]:
     return (model.to("cuda") if torch.cuda.is_available() else model).eval(), tok
 
 
-def _strict(root: Path, name: str, keys: list[str], metric: str) -> list[float]:
+def _strict(record: dict) -> float:
+    passed, total = record["scores"]["prompt_level_strict"]
+    return passed / total
+
+
+def _tuned_strict(root: Path, name: str, keys: list[str]) -> list[float]:
     by_key = eval_records(root, name, "instruction_following", "proxy")
     if missing := [k for k in keys if k not in by_key]:
         raise UserError(f"proxy: data/eval/{name}/records.jsonl lacks {len(missing)} of the held-out prompts "
                         f"(rerun eval@{name})")
-    return [by_key[k]["scores"][metric][0] / by_key[k]["scores"][metric][1] for k in keys]
+    return [_strict(by_key[k]) for k in keys]
 
 
 def _tokens_per_second(backend: Any, prompts: list, tokens: int, seed: int) -> float:
@@ -132,8 +139,14 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
     templates = [p.templates.get(r, "chat") == "chat" for r in proxy.ROLES]
     records, metrics = [], {}
     keys = [str(r["key"]) for r in examples]
-    base = _strict(root, params.evaluate.reference, keys, "prompt_level_strict")
-    tuned = _strict(root, p.tuned, keys, "prompt_level_strict")
+    # The base alone, decoded here as the proxy rows are (its template, this batch size), not read
+    # from eval@<evaluate.reference>: proxy.base may name another model than the reference's.
+    base_alone = make_backend("engine", models[0], tok, templates=templates[:1], batch_size=p.batch_size,
+                              show_progress=False)
+    base_records = suite.run(params, examples, base_alone)
+    base = [_strict(r) for r in base_records]
+    tuned = _tuned_strict(root, p.tuned, keys)
+    metrics["base/prompt_level_strict"] = sum(base) / len(base)
     # every alpha in one batch: the held-out prompts once per alpha, each copy steered by its own
     # (`alphas` says there is one expert pair; `per_prompt` gives each prompt's alpha for it)
     backend = make_backend("proxy", models, tok, alphas=p.alphas[:1], templates=templates,
@@ -144,7 +157,7 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
         name = proxy.row_name(alpha)
         rows = [{**r, "model": name} for r in swept[i * len(examples) : (i + 1) * len(examples)]]
         records += rows
-        strict = [r["scores"]["prompt_level_strict"][0] / r["scores"]["prompt_level_strict"][1] for r in rows]
+        strict = [_strict(r) for r in rows]
         gap = proxy.gap_closed(base, tuned, strict)
         metrics |= {f"{name}/gap_closed": gap["value"], f"{name}/gap_closed_ci_low": gap["ci_low"],
                     f"{name}/gap_closed_ci_high": gap["ci_high"], f"{name}/gap_closed_bounded": gap["bounded"],
@@ -152,13 +165,13 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
         metrics["tuned_gain"] = gap["tuned_gain"]
     # decoding speed on the same prompts: the base alone, then by proxy (three forwards a token)
     prompts = [chat(r["prompt"]) for r in examples[: p.speed_prompts]]
-    alone = _tokens_per_second(make_backend("engine", models[0], tok, batch_size=p.batch_size, show_progress=False),
-                               prompts, p.speed_tokens, params.seed)
+    alone = _tokens_per_second(base_alone, prompts, p.speed_tokens, params.seed)
     both = _tokens_per_second(make_backend("proxy", models, tok, alphas=[p.alphas[0]], templates=templates,
                                            batch_size=p.batch_size, show_progress=False),
                               prompts, p.speed_tokens, params.seed)
     metrics |= {"base_tokens_per_second": alone, "proxy_tokens_per_second": both, "proxy_speed_ratio": both / alone}
     write_jsonl(root / REPORT, records)
+    write_jsonl(root / DATA / "base_records.jsonl", [{**r, "model": trio["base"]} for r in base_records])
     # gap closed is undefined when the directly tuned model gained nothing, and its interval unbounded
     # when that gain is not clear of 0: null in the metrics file, not logged to MLflow
     write_json(root / DATA / "eval_metrics.json", {k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
