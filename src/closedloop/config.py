@@ -199,6 +199,19 @@ class TrackingParams:
                                                  f"(e.g. sqlite:///mlflow.db, http://127.0.0.1:5000), got {self.tracking_uri!r}")
 
 
+@dataclass
+class LaunchParams:
+    """How training stages run, not what they compute: no stage declares this section, so a change
+    reruns nothing (`batch_size` is per process, as in TRL and Accelerate, so keep the global batch,
+    batch_size x num_processes x grad_accum, when changing num_processes)."""
+
+    # > 1: every stage dvc.yaml marks `meta: {trains: true}` runs under `accelerate launch` with this
+    # many processes (data parallel; on a machine without CUDA, over CPU processes with gloo)
+    num_processes: int = field(default=1, metadata=bounds(ge=1, le=1024))
+    # an `accelerate config` file for everything else (machines, mixed precision, DeepSpeed/FSDP)
+    config_file: str | None = None
+
+
 # MLflow's tracking stores: files, databases (SQLAlchemy dialects, with an optional +driver), a server
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
@@ -331,7 +344,7 @@ class PPOParams(TrainParams):
 
 
 SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "prepare": PrepareParams, "facts": FactsParams,
-                                    "evaluate": EvaluateParams, "tracking": TrackingParams}
+                                    "evaluate": EvaluateParams, "tracking": TrackingParams, "launch": LaunchParams}
 
 
 def method_configs() -> dict[str, type]:
@@ -356,6 +369,7 @@ class Params:
     facts: FactsParams = field(default_factory=FactsParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    launch: LaunchParams = field(default_factory=LaunchParams)
     methods: dict[str, Any] = field(default_factory=dict)  # {method: its CONFIG instance}
 
     def __getattr__(self, name: str) -> Any:

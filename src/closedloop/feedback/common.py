@@ -78,9 +78,13 @@ def save_trained(trainer: Any, tok: Any, model_dir: Path, out_dir: Path, p: Any,
     """Save what training produced into out_dir: with LoRA and `merge`, a plain merged checkpoint
     (adapter kept in out_dir/adapter); with LoRA alone, the adapter; otherwise the full model.
     Returns which of "merged", "adapter", "full" was saved."""
+    from closedloop.io import is_main_process
+
     use_lora, merge = p.lora.enabled, p.merge
     target = out_dir / ADAPTER_SUBDIR if (use_lora and merge) else out_dir
-    trainer.save_model(str(target))
+    trainer.save_model(str(target))  # every rank: sharded states (FSDP, DeepSpeed) are gathered here
+    if not is_main_process():  # the trainer wrote nothing here, and nothing of this rank is kept
+        return "merged" if (use_lora and merge) else "adapter" if use_lora else "full"
     tok.save_pretrained(str(target))
     # save_model also pickles the TrainingArguments: not needed to load anything, and no pickles in outputs.
     (target / "training_args.bin").unlink(missing_ok=True)
