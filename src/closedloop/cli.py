@@ -4,6 +4,7 @@ effect runs."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -238,9 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     args = build_parser().parse_args(argv)
-    from closedloop.launch import launched
-
-    if args.command == "stage" and not launched():  # a launcher's ranks run here, as it started them
+    # a launcher's ranks run here, as it started them (closedloop.launch.launched, without its imports)
+    if args.command == "stage" and "LOCAL_RANK" not in os.environ:
         from closedloop.stage_server import run_on_server
 
         code = run_on_server(["closedloop", *argv] if argv is not None else sys.argv)

@@ -35,7 +35,7 @@ def _free_port() -> int:
 def launch_command(launch: LaunchParams, stage: str, root: Path) -> list[str]:
     """`accelerate launch` of `closedloop stage <stage>`: a config file's settings where one is given,
     otherwise data parallel on this machine, without mixed precision or compilation (as one process runs)."""
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(launch.num_processes),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.num_processes),
            "--main_process_port", str(_free_port())]
     if launch.config_file:
         config = Path(launch.config_file) if Path(launch.config_file).is_absolute() else root / launch.config_file
@@ -44,6 +44,12 @@ def launch_command(launch: LaunchParams, stage: str, root: Path) -> list[str]:
                             "file (`accelerate config --config_file PATH` writes one), got no such file")
         cmd += ["--config_file", str(config)]
     else:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus and launch.num_processes > gpus:
+            raise UserError(f"params.yaml: launch.num_processes: expected at most {gpus} (the GPUs here), "
+                            f"got {launch.num_processes}; give launch.config_file for several machines")
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*cmd, "-m", "closedloop", "stage", stage]
 
