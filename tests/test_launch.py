@@ -100,7 +100,8 @@ def test_ppo_runs_data_parallel_on_two_ranks_whose_weights_stay_equal(tiny_model
 
     (tmp_path / "ppo_rank.py").write_text(PPO_RANK)
     launcher = launch_command(LaunchParams(num_processes=2), "unused", tmp_path)
-    cmd = [*launcher[:launcher.index("-m")], str(tmp_path / "ppo_rank.py"), str(tiny_model_dir), str(tmp_path / "out")]
+    assert launcher[-4:] == ["-m", "closedloop", "stage", "unused"]  # the launcher, then what it runs
+    cmd = [*launcher[:-4], str(tmp_path / "ppo_rank.py"), str(tiny_model_dir), str(tmp_path / "out")]
     env = {k: v for k, v in os.environ.items() if k != "CLOSEDLOOP_STAGE_SERVER"} | {
         "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
