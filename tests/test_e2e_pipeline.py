@@ -511,6 +511,12 @@ def test_spar_iteration_through_the_flow(project):
     assert pairs and all(p["chosen_value"] > p["rejected_value"] and p["source"] == "best_worst" for p in pairs)
     judged = {(j["prompt"], j["response"]) for j in map(json.loads, (root / "data/spar/it1/judged.jsonl").open())}
     assert all((p["prompt"], p["chosen"]) in judged and (p["prompt"], p["rejected"]) in judged for p in pairs)
+    # the rules' verdicts on each side of the pairs, reported (the judged samples carry them already)
+    verdict = {(j["prompt"], j["response"]): j["rule_verdict"]
+               for j in map(json.loads, (root / "data/spar/it1/judged.jsonl").open())}
+    ablation = by_stage["spar_ablation_data@no_refine"].data.metrics
+    for side in ("chosen", "rejected"):
+        assert ablation[f"pairs_{side}_rule_pass"] == sum(verdict[p["prompt"], p[side]] for p in pairs) / len(pairs)
     assert (root / "models/spar/ablations/no_refine/actor/model.safetensors").is_file()
     actor_eval = json.loads((root / "data/eval/spar-it1/metrics.json").read_text())
     assert 0.0 <= actor_eval["prompt_level_strict"] <= 1.0  # the shared evaluation scored the actor

@@ -4,6 +4,7 @@ effect runs."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from closedloop import progress
     from closedloop.config import check_model_names, load_params
     from closedloop.io import check_outputs_inside, is_main_process
+    from closedloop.launch import relaunch, wants_launch
     from closedloop.stage_params import ParamsView, covered, declaration
     from closedloop.stages import get_stage
     from closedloop.tracking import stage_run
@@ -31,14 +33,17 @@ def cmd_stage(args: argparse.Namespace) -> None:
     declared = stage.params
     check_model_names(params, "params.yaml", lambda k: covered(k, declared))
     check_outputs_inside(root, stage.outs)
+    if wants_launch(params.launch, stage.meta):
+        relaunch(params.launch, args.name, root)  # does not return: `accelerate launch` runs the stage
     view = ParamsView(params, declared)
     if not is_main_process():
         # Extra ranks of `accelerate launch`: train alongside rank 0; their MLflow calls go to a
         # throwaway store and closedloop.io discards their outputs, so only rank 0 records results.
         import tempfile
 
-        mlflow.set_tracking_uri(Path(tempfile.mkdtemp(prefix="closedloop-rank-")).as_uri())
-        fn(view, root, key)
+        with tempfile.TemporaryDirectory(prefix="closedloop-rank-") as scratch:
+            mlflow.set_tracking_uri(f"sqlite:///{scratch}/mlflow.db")  # MLflow 3 refuses a file store
+            fn(view, root, key)
         return
     started = progress.stage_started(args.name)
     ok = False
@@ -234,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     args = build_parser().parse_args(argv)
-    if args.command == "stage":
+    # a launcher's ranks run here, as it started them (closedloop.launch.launched, without its imports)
+    if args.command == "stage" and "LOCAL_RANK" not in os.environ:
         from closedloop.stage_server import run_on_server
 
         code = run_on_server(["closedloop", *argv] if argv is not None else sys.argv)

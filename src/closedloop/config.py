@@ -204,14 +204,22 @@ MAX_PARALLEL_STAGES = 1024
 
 @dataclass
 class LaunchParams:
-    """How stages run, not what they compute: no stage declares this section, so a change reruns nothing."""
+    """How stages run, not what they compute: no stage declares this section, so a change reruns
+    nothing (`batch_size` is per process, as in TRL and Accelerate, so keep the global batch,
+    batch_size x num_processes x grad_accum, when changing num_processes)."""
 
+    # > 1: every stage dvc.yaml marks `meta: {trains: true}` runs under `accelerate launch` with this
+    # many processes (data parallel; on a machine without CUDA, over CPU processes with gloo)
+    num_processes: int = field(default=1, metadata=bounds(ge=1, le=1024))
+    # an `accelerate config` file for everything else (machines, mixed precision, DeepSpeed/FSDP)
+    config_file: str | None = None
     # The flow runs up to this many stages at once where the graph allows it (independent branches:
     # DCT, SPCT, proxy tuning after the shared stages). 1 on a 2-core machine: two torch processes
     # there oversubscribe the cores and each runs several times slower.
     parallel_stages: int = field(default=1, metadata=bounds(ge=1, le=MAX_PARALLEL_STAGES))
     # One CUDA_VISIBLE_DEVICES value per concurrent stage, so each runs on its own GPUs ("0" and "1";
-    # "0,1" and "2,3" for two-GPU stages); null: every stage sees every device.
+    # "0,1" and "2,3" for two-GPU stages: a training stage under `accelerate launch` takes a slot of
+    # num_processes devices); null: every stage sees every device.
     devices: list[str | int] | None = None
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ class UndeclaredParam(RuntimeError):
 class Declaration:
     params: set[str]  # the dotted param keys
     outs: list[str]  # outputs, as dvc.yaml writes them (relative to the project)
+    meta: dict  # its `meta:` (method, trains)
 
 
 def declaration(root: Path, stage: str) -> Declaration:
@@ -45,7 +46,7 @@ def declaration(root: Path, stage: str) -> Declaration:
                         f"{', '.join(s.name for s in found) or '(none: its foreach is empty)'}")
     (resolved,) = found
     keys = {k for dep in resolved.deps if isinstance(dep, ParamsDependency) for k in dep.params or []}
-    return Declaration(keys, [str(out.def_path) for out in resolved.outs])
+    return Declaration(keys, [str(out.def_path) for out in resolved.outs], dict(resolved.meta or {}))
 
 
 def covered(key: str, declared: set[str]) -> bool:

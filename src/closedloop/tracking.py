@@ -2,9 +2,9 @@
 lineage tags that lead from a run back to the exact `dvc repro` that made it.
 
 Tags set here: closedloop.git_commit, closedloop.dvc_stage, closedloop.prefect_flow_run_id,
-closedloop.base_model, closedloop.process, closedloop.dvc_exp (under `dvc exp run`). The DVC
-lock hash (closedloop.dvc_lock_md5) is known only once DVC has written dvc.lock after the stage,
-so the orchestrator adds it (see `tag_lock_hash`).
+closedloop.base_model, closedloop.process, closedloop.num_processes, closedloop.dvc_exp (under
+`dvc exp run`). The DVC lock hash (closedloop.dvc_lock_md5) is known only once DVC has written
+dvc.lock after the stage, so the orchestrator adds it (see `tag_lock_hash`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ TAG_BASE_MODEL = "closedloop.base_model"
 TAG_KIND = "closedloop.run_kind"  # "pipeline" or "stage"
 TAG_PARAMS_READ = "closedloop.params_read"  # the param keys the stage's code read (tests compare with dvc.yaml)
 TAG_PROCESS = "closedloop.process"  # host:pid:start time of the process that opened the run
+TAG_PROCESSES = "closedloop.num_processes"  # the processes a stage ran in (WORLD_SIZE under a launcher)
 TAG_DVC_EXP = "closedloop.dvc_exp"  # the `dvc exp run` experiment a stage ran in: filter a sweep in the UI
 # The experiment's kind, for MLflow UIs that honour it. 3.17's GenAI/Model-training switch
 # overrides it, so the link the flow prints also carries ?workflowType= (see experiment_url).
@@ -226,7 +227,8 @@ def stage_run(root: Path, params, stage: str, declared: set[str], reads: set[str
 
         raise UserError(f"{mlflow.get_tracking_uri()}: has no run {parent}, the parent run ${PARENT_RUN_ENV} "
                         "names (the store was deleted or replaced while the flow ran?); the stage did not run")
-    tags = lineage_tags(root, stage, model_id(root / params.model.base)) | {TAG_KIND: "stage"}
+    tags = lineage_tags(root, stage, model_id(root / params.model.base)) | {
+        TAG_KIND: "stage", TAG_PROCESSES: os.environ.get("WORLD_SIZE", "1")}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
         flat = {k: v for k, v in leaf_values(params, declared).items() if not is_secret(k.rsplit(".", 1)[-1])}
         if flat:

@@ -78,18 +78,22 @@ def save_trained(trainer: Any, tok: Any, model_dir: Path, out_dir: Path, p: Any,
     """Save what training produced into out_dir: with LoRA and `merge`, a plain merged checkpoint
     (adapter kept in out_dir/adapter); with LoRA alone, the adapter; otherwise the full model.
     Returns which of "merged", "adapter", "full" was saved."""
+    from closedloop.io import is_main_process
+
     use_lora, merge = p.lora.enabled, p.merge
-    target = out_dir / ADAPTER_SUBDIR if (use_lora and merge) else out_dir
-    trainer.save_model(str(target))
+    kind = "merged" if (use_lora and merge) else "adapter" if use_lora else "full"
+    target = out_dir / ADAPTER_SUBDIR if kind == "merged" else out_dir
+    trainer.save_model(str(target))  # every rank: sharded states (FSDP, DeepSpeed) are gathered here
+    if not is_main_process():  # only rank 0's output is kept (closedloop.io): no merge to do here
+        return kind
     tok.save_pretrained(str(target))
     # save_model also pickles the TrainingArguments: not needed to load anything, and no pickles in outputs.
     (target / "training_args.bin").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
     normalise_adapter_config(target)
-    if use_lora and merge:
+    if kind == "merged":
         merge_adapter(model_dir, target, out_dir, dtype=dtype)
-        return "merged"
-    return "adapter" if use_lora else "full"
+    return kind
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str = "float32") -> Path:

@@ -510,7 +510,11 @@ def _update(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, param
 def _save(policy: Any, tok: Any, out_dir: Path, p: PPOParams) -> str:
     """As `common.save_trained`: merged (adapter kept in out_dir/adapter), adapter, or full; safetensors only."""
     from closedloop.feedback.common import ADAPTER_SUBDIR, normalise_adapter_config
+    from closedloop.io import is_main_process
 
+    kind = "merged" if (p.lora.enabled and p.merge) else "adapter" if p.lora.enabled else "full"
+    if not is_main_process():  # only rank 0's output is kept (closedloop.io)
+        return kind
     out_dir.mkdir(parents=True, exist_ok=True)
     if not p.lora.enabled:
         policy.save_pretrained(out_dir, safe_serialization=True)

@@ -110,17 +110,28 @@ def run_init(params: Any, root: Path, key: str | None) -> None:
         write_jsonl(out / "refiner_sft.jsonl", [])
         log_training({"train_examples": 0}, out / "refiner_train_metrics.json")
         return
+    from closedloop.chunks import CHUNK_BATCHES, in_chunks, resumable
+
     rows = read_jsonl(root / TRAIN)[-i.max_prompts:]
     backend = open_backend(params, root, "models/base", batch)
-    samples = spar.sample_responses(_generator(backend, sample, seed + 5), rows, i.num_samples)
     rules = spar.ExplainedRules()
-    judged = spar.judge_samples(rules, samples)
-    roots = spar.failing_roots(judged, tree.roots_per_prompt)
-    trees = spar.refine_trees(roots, _refiner(backend, tree, seed + 6), rules, _tree_params(tree), 1)
-    examples = spar.init_refiner_examples(judged, trees, *caps)
-    write_jsonl(out / "refiner_sft.jsonl", examples)
-    with atomic_dir(root / spar.model_dir("init", "refiner")) as tmp:
-        metrics = train_refiner(root / "models/base", examples, tmp, sft, seed, dtype)
+    # sampling and the rules-judged trees in chunks that outlive a kill (closedloop.chunks), each
+    # with its own seeds; then only the refiner's training is lost to a kill
+    with resumable(root, "spar_init") as store:
+        samples = in_chunks(rows, max(1, CHUNK_BATCHES * batch // i.num_samples),
+                            lambda part, index: spar.sample_responses(
+                                _generator(backend, sample, seed + 5 + 1000 * index), part, i.num_samples),
+                            store, "samples")
+        judged = spar.judge_samples(rules, samples)
+        roots = spar.failing_roots(judged, tree.roots_per_prompt)
+        trees = in_chunks(roots, _roots_per_chunk(batch, tree.width),
+                          lambda part, index: spar.refine_trees(
+                              part, _refiner(backend, tree, seed + 6 + 1000 * index), rules, _tree_params(tree), 1),
+                          store, "trees")
+        examples = spar.init_refiner_examples(judged, trees, *caps)
+        write_jsonl(out / "refiner_sft.jsonl", examples)
+        with atomic_dir(root / spar.model_dir("init", "refiner")) as tmp:
+            metrics = train_refiner(root / "models/base", examples, tmp, sft, seed, dtype)
     metrics |= {"init_samples": len(samples), "init_sample_pass_rate": sum(j["rule_verdict"] for j in judged) / len(judged),
                 "init_trees": len(trees), "init_successful_trees": sum(t["success"] is not None for t in trees),
                 "init_refinements": sum(e["kind"] == "refinement" for e in examples),
@@ -155,12 +166,20 @@ def run_judge(params: Any, root: Path, name: str) -> None:
     mlflow.log_metrics(metrics)
 
 
+def _roots_per_chunk(batch_size: int, width: int) -> int:
+    """Refinement trees per chunk: their first level alone is CHUNK_BATCHES / 4 batches of `width`
+    refinements (~21 roots at a batch of 64)."""
+    from closedloop.chunks import CHUNK_BATCHES
+
+    return max(1, CHUNK_BATCHES * batch_size // (4 * width))
+
+
 def _search(params: Any, root: Path, store: Any, name: str, single_refinement: bool,
             seed: int) -> tuple[list[dict], dict]:
     """Refinement trees from the failing responses of iteration `name`'s judged samples, with the
     refiner it starts from: (tree records, metrics). The roots go in chunks that outlive a kill
     (closedloop.chunks: `store`), each searched with its own seeds."""
-    from closedloop.chunks import CHUNK_BATCHES, in_chunks
+    from closedloop.chunks import in_chunks
 
     s, t = params.spar, params.spar.tree
     judged = read_jsonl(root / spar.data_dir(name) / "judged.jsonl")
@@ -175,9 +194,7 @@ def _search(params: Any, root: Path, store: Any, name: str, single_refinement: b
         judge = _judge_with(params, judge_backend, chunk_seed + 1)[0]
         return spar.refine_trees(part, _refiner(backend, t, chunk_seed + 2), judge, tree, votes)
 
-    # roots per chunk: their first level alone is CHUNK_BATCHES / 4 batches of `width` refinements (~21 roots at 64)
-    per_chunk = max(1, CHUNK_BATCHES * s.batch_size // (4 * t.width))
-    records = in_chunks(roots, per_chunk, work, store)
+    records = in_chunks(roots, _roots_per_chunk(s.batch_size, t.width), work, store)
     ok = [r for r in records if r["success"] is not None]
     stats = backend.stats
     metrics = {"trees": len(records), "successful_trees": len(ok), "success_rate": len(ok) / max(1, len(records)),
@@ -199,6 +216,23 @@ def run_refine(params: Any, root: Path, name: str) -> None:
     mlflow.log_metrics(metrics)
 
 
+def _rule_agreement(pairs: list[dict], judged: list[dict]) -> dict[str, float]:
+    """The share of the DPO pairs' chosen and of their rejected responses that pass the IFEval
+    rules: the held-out oracle, read here only to report (no training signal comes from it). A
+    self-play judge that prefers responses the rules fail shows as chosen below rejected."""
+    from closedloop.verifiers.ifeval_rules import check
+
+    rows = {r["prompt"]: r for r in judged if r.get("instruction_id_list")}
+    known = [(p, rows[p["prompt"]]) for p in pairs if p["prompt"] in rows]
+    if not known:
+        return {}
+
+    def passing(side: str) -> float:
+        return sum(check(r["prompt"], r["instruction_id_list"], r["kwargs"], p[side]).strict_all
+                   for p, r in known) / len(known)
+    return {"pairs_chosen_rule_pass": passing("chosen"), "pairs_rejected_rule_pass": passing("rejected")}
+
+
 def _log_pairs(pairs: list[dict], metrics: dict, out: Path) -> None:
     import pandas as pd
 
@@ -218,7 +252,7 @@ def run_pairs(params: Any, root: Path, name: str) -> None:
     write_jsonl(d / "dpo.jsonl", pairs)
     write_jsonl(d / "refiner_sft.jsonl", rft)
     judgments = [r for r in rft if r["kind"] == "judgment"]
-    _log_pairs(pairs, {"dpo_pairs": len(pairs), "refiner_refinements": len(rft) - len(judgments),
+    _log_pairs(pairs, _rule_agreement(pairs, judged) | {"dpo_pairs": len(pairs), "refiner_refinements": len(rft) - len(judgments),
                        "refiner_judgments": len(judgments), "refiner_judgments_yes": sum(r["verdict"] for r in judgments),
                        "refiner_judgments_from_samples": sum(r["source"] == "samples" for r in judgments)},
                d / "pairs_metrics.json")
@@ -238,10 +272,11 @@ def run_ablation_data(params: Any, root: Path, kind: str) -> None:
     with resumable(root, f"spar_ablation_data@{kind}") as store:
         if kind == "no_tree":
             trees, metrics = _search(params, root, store, of, single_refinement=True, seed=seed)
-        pairs = spar.ablation_pairs(read_jsonl(root / spar.data_dir(of) / "judged.jsonl"), trees, kind)
+        judged = read_jsonl(root / spar.data_dir(of) / "judged.jsonl")
+        pairs = spar.ablation_pairs(judged, trees, kind)
         write_jsonl(out / "trees.jsonl", trees)
         write_jsonl(out / "dpo.jsonl", pairs)
-    _log_pairs(pairs, metrics | {"dpo_pairs": len(pairs)}, out / "pairs_metrics.json")
+    _log_pairs(pairs, metrics | _rule_agreement(pairs, judged) | {"dpo_pairs": len(pairs)}, out / "pairs_metrics.json")
 
 
 def run_ablation_actor(params: Any, root: Path, kind: str) -> None:
