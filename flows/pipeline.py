@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,11 @@ def stop_if_changed(at_start: FlowInputs, params, executed: list[str]) -> None:
 
 
 def run_stages(order: list[str], graph: dict[str, list[str]], stale: set[str], slots: list[dict[str, str]],
-               env: dict[str, str], check: Callable[[], None]) -> Iterator[tuple[str, dict]]:
+               env: dict[str, str], check: Callable[[], None]) -> Iterator[tuple[str, dict, tuple[float, float]]]:
     """Run the stages, each once its upstream stages are done, as many at once as there are slots
-    (`launch.parallel_stages`; each slot's environment adds its devices); yields (stage, result) as
-    each ends. With one slot the stages run one after another in `order`.
+    (`launch.parallel_stages`; each slot's environment adds its devices); yields (stage, result,
+    (start, end) in epoch seconds) as each ends. With one slot the stages run one after another in
+    `order`.
 
     Concurrent `dvc repro -s` processes keep DVC's records exact: DVC holds its repository lock
     while it checks a stage and writes dvc.lock, and releases it while the stage's command runs
@@ -123,11 +125,11 @@ def run_stages(order: list[str], graph: dict[str, list[str]], stale: set[str], s
             # still clean, so its task need not start `dvc repro` to hear that again.
             known_clean = ready not in stale and not any(u in ran for u in graph[ready])
             slot = free.pop(0)
-            running[run_stage.submit(ready, str(ROOT), {**env, **slot}, known_clean)] = (ready, slot)
+            running[run_stage.submit(ready, str(ROOT), {**env, **slot}, known_clean)] = (ready, slot, time.time())
         if not running:
             break
         future = next(as_completed(list(running)))
-        stage, slot = running.pop(future)
+        stage, slot, started = running.pop(future)
         free.append(slot)
         try:
             result = future.result()
@@ -137,7 +139,7 @@ def run_stages(order: list[str], graph: dict[str, list[str]], stale: set[str], s
         done.add(stage)
         if result["ran"]:
             ran.add(stage)
-        yield stage, result
+        yield stage, result, (started, time.time())
     if failure is not None:
         check()  # such a change explains the failure best
         raise failure
@@ -171,11 +173,11 @@ def pipeline(targets: list[str] | None = None) -> dict:
         # the store exists now: parent_run made it
         at_start = FlowInputs(params_text, tracking.store_identity(ROOT, params.tracking.tracking_uri))
         env = {tracking.PARENT_RUN_ENV: parent_id, tracking.FLOW_RUN_ENV: flow_run_id, **server_env}
-        for stage, result in run_stages(order, graph, stale, params.launch.slots(), env,
-                                        lambda: stop_if_changed(at_start, params, executed)):
+        for stage, result, span in run_stages(order, graph, stale, params.launch.slots(), env,
+                                              lambda: stop_if_changed(at_start, params, executed)):
             if result["ran"]:
                 executed.append(stage)
-                tag_lineage(str(ROOT), params, parent_id, stage)
+                tag_lineage(str(ROOT), params, parent_id, stage, span)
         ui = mlflow_ui_command(params, parent.experiment_id)
         table = publish_results(str(ROOT), ui)
     logger.info("stages run: %s", ", ".join(executed) or "none")

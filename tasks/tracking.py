@@ -39,6 +39,9 @@ def parent_run(root: Path, params, flow_run_id: str, targets: list[str]) -> Iter
 
 
 @task(name="tag-lineage", cache_policy=NO_CACHE)
-def tag_lineage(root: str, params, parent_run_id: str, stage: str) -> str | None:
+def tag_lineage(root: str, params, parent_run_id: str, stage: str, span: tuple[float, float]) -> str | None:
+    """The stage's dvc.lock hash, and when the flow started and saw the end of its `dvc repro`
+    (epoch seconds: with concurrent stages, which ran beside which)."""
     return tracking.tag_lock_hash(Path(root), params.tracking.tracking_uri, params.tracking.experiment,
-                                  parent_run_id, stage)
+                                  parent_run_id, stage, {tracking.TAG_FLOW_STARTED: f"{span[0]:.3f}",
+                                                         tracking.TAG_FLOW_ENDED: f"{span[1]:.3f}"})

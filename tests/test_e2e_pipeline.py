@@ -243,17 +243,18 @@ def test_second_run_executes_nothing_and_dvc_is_clean(project):
 
 
 def test_independent_branches_run_at_once_with_the_records_of_a_serial_run(project, tmp_path):
-    """launch.parallel_stages: 2 in a fresh copy of the project, bringing DCT's and proxy tuning's
-    branches up to date: independent stages run at the same time, and DVC records what the serial
-    run recorded (the module's project, same params: launch declares nothing)."""
+    """launch.parallel_stages: 2 in a fresh copy of the project, bringing DCT up to date (its
+    training and its ablation's, its evaluation and its coherence are independent pairs):
+    independent stages run at the same time, and DVC records what the serial run recorded (the
+    module's project, same params: launch declares nothing)."""
     root, env, _ = project
     copy = copy_project(tmp_path / "parallel")
     shutil.copy(root / "params.yaml", copy / "params.yaml")
     set_params(copy, {"launch": {"parallel_stages": 2}})
     copy_env = project_env(copy, Path(env["PREFECT_HOME"]))
-    proc = run_flow(copy, copy_env, "--target", "dct", "--target", "proxy")
+    proc = run_flow(copy, copy_env, "--target", "dct")
     ran = stages_run(proc)
-    assert DCT_STAGES | PROXY_STAGES - {"eval@proxy-expert"} <= ran  # and what they read (RFT's model, base, ...)
+    assert DCT_STAGES <= ran  # and what they read (base, prepare)
     serial = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     parallel = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]
     # the stages it ran have the entries the serial run wrote: the same deps, params and output hashes
@@ -267,7 +268,10 @@ def test_independent_branches_run_at_once_with_the_records_of_a_serial_run(proje
     assert len(parents) == 1
     runs = children[parents[0].info.run_id]  # one run per stage, each under the flow's one parent
     assert sorted(r.data.tags["closedloop.dvc_stage"] for r in runs) == sorted(ran)
-    spans = {r.data.tags["closedloop.dvc_stage"]: (r.info.start_time, r.info.end_time) for r in runs}
+    # each stage's `dvc repro` as the flow saw it start and end (the stage's own MLflow run covers
+    # only its compute: a second or less on the tiny model, beside DVC's few seconds of checks)
+    spans = {r.data.tags["closedloop.dvc_stage"]: (float(r.data.tags["closedloop.flow_started"]),
+                                                   float(r.data.tags["closedloop.flow_ended"])) for r in runs}
     # two stages ran at the same time (only independent ones can: each starts once its upstream ended)
     overlapping = [(a, b) for a in ran for b in ran if a < b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
     assert overlapping, spans

@@ -134,7 +134,7 @@ def test_two_workers_in_two_checkouts_share_a_deployment_and_an_mlflow_server(se
                                 capture_output=True, text=True)
         assert create.returncode == 0, create.stdout + create.stderr
         deploy = subprocess.run([sys.executable, "flows/deploy.py", "--pool", "shared-pool", "--name", "shared",
-                                 "--target", "rft_sample", "--checkout", "$CLOSEDLOOP_CHECKOUT"], cwd=a, env=env_of[a],
+                                 "--target", "prepare", "--checkout", "$CLOSEDLOOP_CHECKOUT"], cwd=a, env=env_of[a],
                                 capture_output=True, text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         for root in checkouts:  # one run at a time each, so the second run goes to the other worker
@@ -148,8 +148,8 @@ def test_two_workers_in_two_checkouts_share_a_deployment_and_an_mlflow_server(se
                              600, [*workers, mlflow_server], poll=5)
         # each worker ran one, in its own checkout
         for root in checkouts:
-            assert (root / "data/rft/samples.jsonl").is_file(), root
-            assert "changed" not in subprocess.run(["dvc", "status", "rft_sample"], cwd=root, env=env,
+            assert (root / "data/suite/eval.jsonl").is_file(), root
+            assert "changed" not in subprocess.run(["dvc", "status", "prepare"], cwd=root, env=env,
                                                    capture_output=True, text=True).stdout
         # and both logged to the one server: a pipeline run per flow run, its stages' runs under it
         mlflow.set_tracking_uri(tracking)
@@ -160,7 +160,7 @@ def test_two_workers_in_two_checkouts_share_a_deployment_and_an_mlflow_server(se
         for p in parents:
             stages = {r.data.tags["closedloop.dvc_stage"] for r in runs
                       if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
-            assert {"base", "prepare", "rft_sample"} <= stages
+            assert stages == {"prepare"}
         assert exp.artifact_location.startswith("mlflow-artifacts:")  # kept by the server, not on one machine
     finally:
         for proc in [*workers, mlflow_server]:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from closedloop.io import read_jsonl, write_jsonl
+from closedloop.io import dvc_lock_mid_write, read_jsonl, rereading, write_jsonl
 
 CHUNK_BATCHES = 4  # a chunk is this many generation batches: a kill loses at most that much work
 
@@ -39,10 +39,12 @@ def stage_fingerprint(root: Path, stage: str) -> str:
     each dep (DVC's own state cache makes that cheap for files it has hashed before)."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
-        deps = sorted((str(d.def_path), str(d.get_hash())) for d in resolved.deps)
-    blob = json.dumps({"stage": stage, "cmd": resolved.cmd, "deps": deps}, sort_keys=True, default=str)
+    def read() -> tuple[Any, list]:
+        with Repo(str(root)) as repo:
+            (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
+            return resolved.cmd, sorted((str(d.def_path), str(d.get_hash())) for d in resolved.deps)
+    cmd, deps = rereading(read, dvc_lock_mid_write)
+    blob = json.dumps({"stage": stage, "cmd": cmd, "deps": deps}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -14,17 +14,39 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from closedloop.errors import UserError
+
+T = TypeVar("T")
 
 
 def is_main_process() -> bool:
     """False in the extra processes of a multi-process launch (`accelerate launch`, torchrun set
     RANK): those train alongside rank 0 but must not write outputs, or they would race it."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def rereading(read: Callable[[], T], partial: Callable[[Exception], bool], tries: int = 10, wait: float = 0.5) -> T:
+    """`read()`, again after `wait` seconds while it fails as a read of a file that another process
+    rewrites in place fails (`partial(error)`), at most `tries` times. DVC rewrites dvc.lock in
+    place, so a `dvc repro` beside us (the flow's concurrent stages, a user's) can be caught mid-write."""
+    for attempt in range(tries):
+        try:
+            return read()
+        except Exception as e:
+            if attempt == tries - 1 or not partial(e):
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def dvc_lock_mid_write(e: Exception) -> bool:
+    """A DVC error from reading a dvc.lock that another DVC process was writing."""
+    return "dvc.lock" in str(e)
 
 
 def remove_stale_tmp(path: Path) -> None:

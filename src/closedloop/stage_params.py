@@ -34,11 +34,14 @@ def declaration(root: Path, stage: str) -> Declaration:
     from dvc.repo import Repo
 
     from closedloop.errors import UserError, dvc_error
+    from closedloop.io import dvc_lock_mid_write, rereading
 
-    try:
+    def collect() -> list:
         with Repo(str(root)) as repo:
             # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
-            found = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
+            return repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
+    try:
+        found = rereading(collect, dvc_lock_mid_write)
     except DvcException as e:
         raise dvc_error(e) from None
     if [s.name for s in found] != [stage]:  # a foreach group's name: DVC returns its members

@@ -4,7 +4,8 @@ lineage tags that lead from a run back to the exact `dvc repro` that made it.
 Tags set here: closedloop.git_commit, closedloop.dvc_stage, closedloop.prefect_flow_run_id,
 closedloop.base_model, closedloop.process, closedloop.num_processes, closedloop.dvc_exp (under
 `dvc exp run`). The DVC lock hash (closedloop.dvc_lock_md5) is known only once DVC has written
-dvc.lock after the stage, so the orchestrator adds it (see `tag_lock_hash`).
+dvc.lock after the stage, so the orchestrator adds it (see `tag_lock_hash`), with when it started
+and saw the end of the stage's `dvc repro` (closedloop.flow_started, closedloop.flow_ended).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ FLOW_RUN_ENV = "CLOSEDLOOP_PREFECT_FLOW_RUN_ID"
 TAG_COMMIT = "closedloop.git_commit"
 TAG_STAGE = "closedloop.dvc_stage"
 TAG_LOCK = "closedloop.dvc_lock_md5"
+# when the flow started a stage's `dvc repro` and saw it end (epoch seconds)
+TAG_FLOW_STARTED, TAG_FLOW_ENDED = "closedloop.flow_started", "closedloop.flow_ended"
 TAG_FLOW_RUN = "closedloop.prefect_flow_run_id"
 TAG_BASE_MODEL = "closedloop.base_model"
 TAG_KIND = "closedloop.run_kind"  # "pipeline" or "stage"
@@ -254,17 +257,23 @@ def lock_entry_md5(root: Path, stage: str) -> str | None:
     """md5 of the stage's entry in dvc.lock (deps, params and outs hashes), None if absent."""
     import yaml
 
+    from closedloop.io import rereading
+
     lock = root / "dvc.lock"
     if not lock.is_file():
         return None
-    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
+    # a `dvc repro` beside us (the flow's concurrent stages) may be rewriting it in place
+    data = rereading(lambda: yaml.safe_load(lock.read_text()), lambda e: isinstance(e, yaml.YAMLError))
+    entry = (data or {}).get("stages", {}).get(stage)
     if entry is None:
         return None
     return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
-def tag_lock_hash(root: Path, tracking_uri: str | None, experiment: str, parent_run_id: str, stage: str) -> str | None:
-    """Tag the stage's newest run under `parent_run_id` with its dvc.lock hash; returns the run id."""
+def tag_lock_hash(root: Path, tracking_uri: str | None, experiment: str, parent_run_id: str, stage: str,
+                  more: dict[str, str] | None = None) -> str | None:
+    """Tag the stage's newest run under `parent_run_id` with its dvc.lock hash (and `more` tags);
+    returns the run id."""
     import mlflow
 
     exp_id = setup(root, tracking_uri, experiment)
@@ -275,5 +284,7 @@ def tag_lock_hash(root: Path, tracking_uri: str | None, experiment: str, parent_
     md5 = lock_entry_md5(root, stage)
     if not runs or md5 is None:
         return None
-    mlflow.MlflowClient().set_tag(runs[0].info.run_id, TAG_LOCK, md5)
+    client = mlflow.MlflowClient()
+    for key, value in {TAG_LOCK: md5, **(more or {})}.items():
+        client.set_tag(runs[0].info.run_id, key, value)
     return runs[0].info.run_id
