@@ -145,6 +145,50 @@ def test_a_bad_override_is_one_error_before_any_compute(effect):
     assert proc.returncode == 2 and "experiments/nosuch.yaml" in proc.stderr and "rft" in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def seeded(effect, tmp_path_factory):
+    """`closedloop effect rft-seeds` in a clone of the effect fixture's commit that shares its DVC
+    cache: the base and its evaluation are restored from there, each seed's RFT stages run."""
+    origin, env, _, _, args = effect
+    root = tmp_path_factory.mktemp("seeded") / "project"
+    subprocess.run(["git", "clone", "-q", str(origin), str(root)], check=True)
+    env = env | {"CLOSEDLOOP_DVC_CACHE": str(origin / ".dvc" / "cache"), "PYTHONPATH": str(root / "src")}
+    run(root, env, "effect", "rft-seeds", *args)
+    return root, env, git_status(root, env)
+
+
+def test_a_seeded_effect_run_has_a_row_per_seed_and_one_pooled(seeded):
+    """experiments/rft-seeds.yaml: one DVC experiment per rft.seed, the held-out set fixed."""
+    import dvc.api
+
+    from closedloop.effects import exp_ref
+
+    root, env, status_after_run = seeded
+    assert status_after_run == ""
+    data = json.loads((root / "results/rft-seeds.json").read_text())
+    rows = data["rows"]
+    assert [r["training_seed"] for r in rows] == ["pooled", 0, 1, 2]
+    assert len({r["baseline_value"] for r in rows}) == 1 and all(r["n"] == 6 for r in rows)  # one base, one set
+    # prompt-level scores have one denominator per prompt: the pooled value is the seeds' mean
+    assert rows[0]["value"] == pytest.approx(sum(r["value"] for r in rows[1:]) / 3)
+    assert rows[0]["ci_low"] <= rows[0]["delta"] <= rows[0]["ci_high"] and data["delta"] == rows[0]["delta"]
+    assert set(data["stages"]) == {"seed 0", "seed 1", "seed 2"}
+    # the stages the seeds share (prepare, base, eval@base) count once in the run's cost
+    per_seed = {seed: sum(st["seconds"] or 0.0 for st in stages.values()) for seed, stages in data["stages"].items()}
+    restored = [s for s in data["stages"]["seed 0"] if all(data["stages"][f"seed {k}"][s]["source"] == "cache"
+                                                              for k in (1, 2))]
+    assert {"prepare", "base", "eval@base"} <= set(restored) and "rft_sample" not in restored
+    shared = sum(data["stages"]["seed 0"][s]["seconds"] for s in restored)
+    assert data["wall_seconds"] == pytest.approx(sum(per_seed.values()) - 2 * shared, abs=0.2)
+    samples = {k: dvc.api.read("data/rft/samples.jsonl", repo=str(root), rev=exp_ref(root, f"rft-seeds-seed{k}"))
+               for k in (0, 1, 2)}
+    assert len(set(samples.values())) == 3  # each seed sampled its own
+    status = run(root, env, "status", "rft-seeds")  # follows the seed it ran last
+    assert "eval@rft" in status.stdout and "finished" in status.stdout
+    run(root, env, "results")
+    assert "| rft-seeds (rft, pooled over 3 seeds) |" in (root / "README.md").read_text()
+
+
 def test_the_committed_effect_files_are_valid():
     for path in sorted((PROJECT / "experiments").glob("*.yaml")):
         spec = load_spec(PROJECT, path.stem)

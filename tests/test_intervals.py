@@ -152,3 +152,30 @@ def test_a_result_from_an_uncommitted_tree_is_marked_in_the_table():
     dirty = table([{"run": "dct", "commit": "abc-dirty", **row}])
     assert "**produced from an uncommitted tree** (commit abc-dirty)" in dirty
     assert "uncommitted" not in table([{"run": "dct", "commit": "abc", **row}])
+
+
+def test_a_pooled_row_averages_each_examples_score_over_the_seeds_and_the_table_names_them():
+    from closedloop.effects import pool_over_seeds, table
+    from closedloop.errors import UserError
+
+    def run(passed: list[int]) -> list[dict]:
+        return [{"key": f"k{i}", "seed_id": i // 2, "finish_reason": "stop",
+                 "scores": {"prompt_level_strict": [p, 1]}} for i, p in enumerate(passed)]
+    pooled = pool_over_seeds([run([1, 0, 1, 0]), run([1, 1, 0, 0])], "prompt_level_strict")
+    assert [r["scores"]["prompt_level_strict"] for r in pooled] == [[1.0, 1], [0.5, 1], [0.5, 1], [0.0, 1]]
+    assert all("finish_reason" not in r and r["seed_id"] == i // 2 for i, r in enumerate(pooled))
+    # paired with the base, its difference is the mean of the seeds' differences
+    base = run([0, 0, 1, 0])
+    result = compare_suite({"base": base, "rft": pooled}, ("prompt_level_strict",), "base", 200, 0)
+    assert result["models"]["rft"]["diff"]["prompt_level_strict"]["value"] == pytest.approx((0.25 + 0.25) / 2)
+    with pytest.raises(UserError, match="same examples"):
+        pool_over_seeds([run([1, 0]), run([1, 0, 1])], "prompt_level_strict")
+
+    row = {"method": "rft", "model": "rft", "metric": "m", "n": 4, "baseline": "base", "baseline_value": 0.25,
+           "value": 0.5, "delta": 0.25, "ci_low": 0.0, "ci_high": 0.5, "se": 0.1, "wall_seconds": 60,
+           "command": "closedloop effect rft-seeds", "commit": "abc"}
+    data = {"run": "rft-seeds", "seeds": {"param": "rft.seed", "values": [0, 1]}, **row,
+            "rows": [{**row, "training_seed": "pooled"}, {**row, "training_seed": 0}, {**row, "training_seed": 1}]}
+    lines = table([data]).splitlines()
+    assert lines[2].startswith("| rft-seeds (rft, pooled over 2 seeds) |")
+    assert lines[3].startswith("| rft-seeds (rft, seed 0) |") and lines[4].startswith("| rft-seeds (rft, seed 1) |")

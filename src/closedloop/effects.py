@@ -24,6 +24,7 @@ generated from those files (`closedloop results`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -67,6 +68,17 @@ class EffectSpec:
     targets: list[str]
     params: dict[str, Any]
     rows: list[dict[str, str]]
+    # {param: a dotted key, values: [...]}: one experiment per value (a training seed), each row
+    # reported per value and pooled over them
+    seeds: dict[str, Any] | None = None
+
+    def per_seed(self) -> list[tuple[Any, EffectSpec]]:
+        """(value, the experiment of that value) for a seeded run; [(None, self)] otherwise."""
+        if self.seeds is None:
+            return [(None, self)]
+        return [(v, dataclasses.replace(self, name=f"{self.name}-seed{v}", seeds=None,
+                                        params={**self.params, self.seeds["param"]: v}))
+                for v in self.seeds["values"]]
 
 
 def load_spec(root: Path, name: str, extra: dict[str, Any] | None = None) -> EffectSpec:
@@ -81,9 +93,10 @@ def load_spec(root: Path, name: str, extra: dict[str, Any] | None = None) -> Eff
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{rel}: expected a mapping with method, description, targets, params, rows")
-    unknown = set(data) - {"method", "description", "targets", "params", "rows"}
+    unknown = set(data) - {"method", "description", "targets", "params", "rows", "seeds"}
     if unknown:
-        raise UserError(f"{rel}: unknown key {sorted(unknown)[0]!r} (expected method, description, targets, params, rows)")
+        raise UserError(f"{rel}: unknown key {sorted(unknown)[0]!r} (expected method, description, targets, params, "
+                        "rows, seeds)")
     for key, kind in (("method", str), ("description", str), ("targets", list), ("params", dict), ("rows", list)):
         if not isinstance(data.get(key), kind) or not data[key]:
             raise UserError(f"{rel}: {key}: expected a non-empty {kind.__name__}")
@@ -96,8 +109,16 @@ def load_spec(root: Path, name: str, extra: dict[str, Any] | None = None) -> Eff
     for key in data["params"]:
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
             raise UserError(f"{rel}: params: {key!r}: expected a dotted params.yaml key such as prepare.num_eval")
+    seeds = data.get("seeds")
+    if seeds is not None and not (
+            isinstance(seeds, dict) and set(seeds) == {"param", "values"} and isinstance(seeds["param"], str)
+            and seeds["param"] and isinstance(seeds["values"], list) and len(seeds["values"]) >= 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in seeds["values"])
+            and len(set(seeds["values"])) == len(seeds["values"])):
+        raise UserError(f"{rel}: seeds: expected {{param: a dotted params.yaml key, values: two or more distinct "
+                        f"integers}}, got {seeds!r}")
     return EffectSpec(name, data["method"], data["description"], list(data["targets"]),
-                      {**data["params"], **(extra or {})}, list(data["rows"]))
+                      {**data["params"], **(extra or {})}, list(data["rows"]), seeds)
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
@@ -296,61 +317,134 @@ def _label_checks(by_model: dict[str, list[dict]], model: str, baseline: str, se
                     "ci_low": auc["ci_low"], "ci_high": auc["ci_high"]}}
 
 
-def results_file(root: Path, ref: str, spec: EffectSpec, params: Any, cost: dict[str, Any], command: str,
-                 commit: str) -> dict[str, Any]:
+def pool_over_seeds(runs: list[list[dict]], metric: str) -> list[dict]:
+    """One model's records from several seeds' runs as one run's: each example's `metric` score is
+    the mean of the seeds' (numerators averaged, the denominator an example's own); how an answer
+    ended is per seed, so it is dropped. Every run must hold the same examples."""
+    by_key = [{str(r["key"]): r for r in run} for run in runs]
+    if any(set(b) != set(by_key[0]) for b in by_key[1:]):
+        raise UserError("a pooled row needs every seed's run evaluated on the same examples")
+    pooled = []
+    for r in runs[0]:
+        scores = [b[str(r["key"])]["scores"][metric] for b in by_key]
+        pooled.append({k: v for k, v in r.items() if k not in ("finish_reason", "scores")}
+                      | {"scores": {metric: [sum(num for num, _ in scores) / len(runs), scores[0][1]]}})
+    return pooled
+
+
+def pooled_row_result(root: Path, refs: list[str], row: dict[str, str], seed: int) -> dict[str, Any]:
+    """One row pooled over the experiments of a seeded run: each example's score is the model's mean
+    over the seeds, paired with the baseline's, which no seed changes (checked); the interval
+    resamples examples (or seed tasks) of those means, so it holds the evaluation's noise with the
+    training's averaged over the seeds, not the spread between seeds (each seed's row shows that)."""
+    from closedloop.evaluate.compare import compare_suite
+
+    where, metric = Path(row.get("dir", EVAL_DIR)), row["metric"]
+
+    def records(ref: str, name: str) -> list[dict]:
+        return [r for r in _records(root, ref, where, name) if r.get("suite") == row["suite"]]
+    base = records(refs[0], row["baseline"])
+    if any(records(ref, row["baseline"]) != base for ref in refs[1:]):
+        raise UserError(f"{where / row['baseline'] / 'records.jsonl'}: differs between the seeds' experiments; a "
+                        "pooled row needs a baseline the seed does not change")
+    pooled = pool_over_seeds([records(ref, row["model"]) for ref in refs], metric)
+    result = compare_suite({row["baseline"]: base, row["model"]: pooled}, (metric,), row["baseline"],
+                           EFFECT_BOOTSTRAP, seed)
+    model, baseline = result["models"][row["model"]], result["models"][row["baseline"]]
+    diff = model["diff"][metric]
+    return {"model": row["model"], "suite": row["suite"], "metric": f"{row['suite']}.{metric}", "n": model["n"],
+            "baseline": row["baseline"], "baseline_value": baseline["metrics"][metric]["value"],
+            "value": model["metrics"][metric]["value"], "delta": diff["value"], "ci_low": diff["ci_low"],
+            "ci_high": diff["ci_high"], "se": diff["se"], "interval": result["interval"], "training_seed": "pooled"}
+
+
+def results_file(root: Path, refs: list[tuple[Any, str]], spec: EffectSpec, params: Any, costs: list[dict[str, Any]],
+                 command: str, commit: str) -> dict[str, Any]:
     """results/<run>.json's content: the first row's figures at the top level, every row in `rows`,
-    the compute the run cost (`wall_seconds`, summed over its stages) and each stage's seconds."""
-    rows = [row_result(root, ref, row, params.seed) for row in spec.rows]
-    common = {"method": spec.method, "seed": params.seed, "commit": commit,
-              "wall_seconds": cost["wall_seconds"], "command": command}
+    the compute the run cost (`wall_seconds`, summed over its stages) and each stage's seconds. A
+    seeded run (`refs`: one (value, experiment) per seed) has each row pooled over the seeds, then
+    one per seed, and its stages and attempts per seed."""
+    rows = []
+    for row in spec.rows:
+        if spec.seeds is not None:
+            rows.append(pooled_row_result(root, [ref for _, ref in refs], row, params.seed))
+        rows += [row_result(root, ref, row, params.seed) | ({} if value is None else {"training_seed": value})
+                 for value, ref in refs]
+    seconds: dict[Any, float] = {}  # a stage the seeds' experiments share (the same dvc.lock entry) counts once
+    for i, c in enumerate(costs):
+        for stage, st in c["stages"].items():
+            seconds.setdefault(c.get("entries", {}).get(stage) or (i, stage), st["seconds"] or 0.0)
+    wall = round(sum(seconds.values()), 1)
+    common = {"method": spec.method, "seed": params.seed, "commit": commit, "wall_seconds": wall, "command": command}
     first = {k: v for k, v in rows[0].items() if k not in ("model", "suite")}
-    return {"run": spec.name, "description": spec.description, **common, **first,
-            "stages": cost["stages"], "attempts": cost["attempts"], "rows": [{**common, **r} for r in rows]}
+    if spec.seeds is None:
+        stages, attempts = costs[0]["stages"], costs[0]["attempts"]
+    else:
+        stages = {f"seed {value}": c["stages"] for (value, _), c in zip(refs, costs)}
+        attempts = {f"seed {value}": c["attempts"] for (value, _), c in zip(refs, costs)}
+    return {"run": spec.name, "description": spec.description, **common, **first, "stages": stages,
+            "attempts": attempts, **({"seeds": spec.seeds} if spec.seeds else {}),
+            "rows": [{**common, **r} for r in rows]}
 
 
 def run_effect(root: Path, name: str, extra: dict[str, Any] | None = None, command: str | None = None,
                allow_dirty: bool = False) -> Path:
-    """The whole effect run: validate, experiment, results file, MLflow parent run. Returns the file.
-    Safe to kill and rerun: the rerun restores every stage that had finished (DVC's run-cache, kept
-    outside the checkout: closedloop.cache) and sums each stage's seconds over the attempts."""
+    """The whole effect run: validate, experiment (one per seed of a seeded run, each its own DVC
+    experiment `<run>-seed<k>`), results file, MLflow parent run. Returns the file. Safe to kill and
+    rerun: the rerun restores every stage that had finished (DVC's run-cache, kept outside the
+    checkout: closedloop.cache) and sums each stage's seconds over the attempts."""
     import mlflow
 
     from closedloop.cache import ensure_cache_dir
-    from closedloop.io import write_json
+    from closedloop.io import write_json, write_text
     from closedloop.tracking import PARENT_RUN_ENV, TAG_KIND, git_commit, lineage_tags, setup
 
     spec = load_spec(root, name, extra)
     params = validate(root, spec)
+    runs = spec.per_seed()
+    for _, one in runs:
+        validate(root, one)  # each seed's value is a valid value of its param
     check_committed(root, allow_dirty)
     command = command or shlex.join(["closedloop", "effect", name])
     ensure_cache_dir(root)
-    state = RunState.of(root, spec)
-    plan = state.start_attempt(root, spec)
-    for copy in remove_abandoned_copies(root, name):
-        print(f"removed {copy}: the copy of the commit a killed attempt of {name} left")
     setup(root, params.tracking.tracking_uri, params.tracking.experiment)  # also ends a killed attempt's runs
     tags = lineage_tags(root, None, str(params.model.base)) | {TAG_KIND: "effect", TAG_EFFECT: name}
     commit = git_commit(root)
+    refs, costs = [], []
     with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params({"effect.method": spec.method, "effect.targets": " ".join(spec.targets),
                            **{f"override.{k}": json.dumps(v) for k, v in spec.params.items()}})
-        env = {**os.environ, PARENT_RUN_ENV: run.info.run_id, **state.stage_env(),
-               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        try:
-            ref = run_experiment(root, spec, env, state.attempt_log)
-        except BaseException:
-            state.end_attempt("failed")
-            raise
-        state.end_attempt("finished")
-        cost = state.cost(root, ref, plan)
-        result = results_file(root, ref, spec, params, cost, command, commit)
+        for value, one in runs:
+            state = RunState.of(root, one)
+            plan = state.start_attempt(root, one)
+            if one is not spec:  # `closedloop status <run>` follows the seed under way
+                write_text(state.dir.parent / f"{spec.name}.current", state.dir.name + "\n")
+            for copy in remove_abandoned_copies(root, one.name):
+                print(f"removed {copy}: the copy of the commit a killed attempt of {one.name} left")
+            env = {**os.environ, PARENT_RUN_ENV: run.info.run_id, **state.stage_env(),
+                   "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+            try:
+                ref = run_experiment(root, one, env, state.attempt_log)
+            except BaseException:
+                state.end_attempt("failed")
+                raise
+            state.end_attempt("finished")
+            refs.append((value, ref))
+            costs.append(state.cost(root, ref, plan))
+        result = results_file(root, refs, spec, params, costs, command, commit)
         out = root / RESULTS / f"{name}.json"
         write_json(out, result)
         mlflow.log_metrics({"wall_seconds": result["wall_seconds"],
-                            **{f"{r['model']}.{k}": r[k] for r in result["rows"]
+                            **{f"{_row_label(r)}.{k}": r[k] for r in result["rows"]
                                for k in ("value", "baseline_value", "delta", "ci_low", "ci_high", "se")}})
         mlflow.log_artifact(str(out))
     return out
+
+
+def _row_label(row: dict) -> str:
+    """A row's name in metric keys and the table: the model, and its seed in a seeded run."""
+    seed = row.get("training_seed")
+    return row["model"] + ("" if seed is None else ".pooled" if seed == "pooled" else f".seed{seed}")
 
 
 # ---- the README's results table ----
@@ -396,7 +490,10 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for data in results:
         for row in data.get("rows") or [data]:
-            name = data.get("run", "") + (f" ({row['model']})" if len(data.get("rows") or []) > 1 else "")
+            seed = row.get("training_seed")
+            which = row["model"] + ("" if seed is None else f", pooled over {len(data['seeds']['values'])} seeds"
+                                    if seed == "pooled" else f", seed {seed}")
+            name = data.get("run", "") + (f" ({which})" if len(data.get("rows") or []) > 1 else "")
             lines.append(
                 f"| {name} | {row['method']} | {row['metric']} | {row['n']} | {row['baseline']} "
                 f"{100 * row['baseline_value']:.1f} | {100 * row['value']:.1f} | "

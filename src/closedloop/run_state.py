@@ -214,7 +214,9 @@ class RunState:
             self.ledger.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.ledger, ledger)
         return {"wall_seconds": round(sum(s["seconds"] or 0.0 for s in stages.values()), 1), "stages": stages,
-                "attempts": self.attempt_times()}
+                "attempts": self.attempt_times(),
+                # each stage's dvc.lock entry: a stage two experiments share (a seeded run's base) counts once
+                "entries": {stage: _entry_md5(lock[stage]) for stage in plan if stage in lock}}
 
     def attempt_times(self) -> list[dict]:
         starts, ends = {}, {}

@@ -36,6 +36,9 @@ class RFTConfig:
     max_per_prompt: int = field(default=4, metadata=bounds(ge=1, le=1024))
     # feedback: SFT on the kept samples
     sft: SFTParams = field(default_factory=lambda: SFTParams(learning_rate=6e-4))
+    # the sampling and training seed; null: the global `seed`, which also draws the prompts (set this
+    # one to vary RFT alone over the same held-out set: `seeds` in experiments/rft.yaml)
+    seed: int | None = field(default=None, metadata=bounds(ge=0, le=2**31 - 1))
 
     def __post_init__(self) -> None:
         check_verifier_name(self.verifier)

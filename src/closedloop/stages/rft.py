@@ -25,17 +25,24 @@ DATA = Path("data/rft")
 TRAIN = Path("data/suite/train.jsonl")
 
 
+def _seed(params: Any) -> int:
+    """RFT's sampling and training seed: rft.seed, or the global seed where it is null."""
+    own, common = params.rft.seed, params.seed  # both declared, so both read
+    return common if own is None else own
+
+
 def run_sample(params: Any, root: Path, key: str | None) -> None:
     r = params.rft
     backend = open_backend(params, root, "models/base", r.batch_size)
     batches = list(enumerate(rft.search_batches(read_jsonl(root / TRAIN), r.num_samples, r.batch_size)))
     sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens}
+    seed = _seed(params)
 
     def work(part: list, _: int) -> list[dict]:
         out = []
         for b, batch in part:
             progress.report(b, len(batches), "search batches")
-            out += rft.sample_batch(backend, batch, b, r.num_samples, sampling, params.seed)
+            out += rft.sample_batch(backend, batch, b, r.num_samples, sampling, seed)
         return out
 
     with resumable(root, "rft_sample") as chunks:
@@ -84,8 +91,8 @@ def run_train(params: Any, root: Path, key: str | None) -> None:
         raise UserError(f"{DATA / 'sft.jsonl'}: no verified samples to train on; lower rft.threshold or raise "
                         "rft.num_samples")
     with atomic_dir(root / "models/rft") as tmp:
-        metrics = train_sft(root / "models/base", rft.sft_examples(kept), tmp, params.rft.sft.value(), seed=params.seed,
-                            dtype=params.model.dtype)
+        metrics = train_sft(root / "models/base", rft.sft_examples(kept), tmp, params.rft.sft.value(),
+                            seed=_seed(params), dtype=params.model.dtype)
         if (tmp / "adapter").is_dir():
             mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
     log_training(metrics, root / DATA / "train_metrics.json")
