@@ -34,14 +34,14 @@ def rereading(read: Callable[[], T], partial: Callable[[Exception], bool], tries
     """`read()`, again after `wait` seconds while it fails as a read of a file that another process
     rewrites in place fails (`partial(error)`), at most `tries` times. DVC rewrites dvc.lock in
     place, so a `dvc repro` beside us (the flow's concurrent stages, a user's) can be caught mid-write."""
-    for attempt in range(tries):
+    for _ in range(tries - 1):
         try:
             return read()
         except Exception as e:
-            if attempt == tries - 1 or not partial(e):
+            if not partial(e):
                 raise
             time.sleep(wait)
-    raise AssertionError("unreachable")
+    return read()  # the last try: its error, whatever it is, is the caller's
 
 
 def dvc_lock_mid_write(e: Exception) -> bool:
