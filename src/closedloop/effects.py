@@ -276,12 +276,7 @@ def row_result(root: Path, ref: str, row: dict[str, str], seed: int) -> dict[str
     metric = row["metric"]
     result = compare_suite(by_model, (metric,), row["baseline"], EFFECT_BOOTSTRAP, seed)
     model, base = result["models"][row["model"]], result["models"][row["baseline"]]
-    diff = model["diff"][metric]
-    out = {"model": row["model"], "suite": row["suite"], "metric": f"{row['suite']}.{metric}",
-           "n": model["n"], "baseline": row["baseline"], "baseline_value": base["metrics"][metric]["value"],
-           "value": model["metrics"][metric]["value"], "delta": diff["value"], "ci_low": diff["ci_low"],
-           "ci_high": diff["ci_high"], "se": diff["se"], "interval": result["interval"],
-           "truncated": model["truncated"], "baseline_truncated": base["truncated"]}
+    out = _paired(row, result) | {"truncated": model["truncated"], "baseline_truncated": base["truncated"]}
     out |= _label_checks(by_model, row["model"], row["baseline"], seed)
     if model["truncated"] is not None and base["truncated"] is not None:
         cut = {str(r["key"]) for rows in by_model.values() for r in rows if r["finish_reason"] == "length"}
@@ -292,6 +287,18 @@ def row_result(root: Path, ref: str, row: dict[str, str], seed: int) -> dict[str
             out["untruncated"] = {"n": sub["models"][row["model"]]["n"], "delta": d["value"], "ci_low": d["ci_low"],
                                   "ci_high": d["ci_high"]}
     return out
+
+
+def _paired(row: dict[str, str], result: dict[str, Any]) -> dict[str, Any]:
+    """A results row's figures from compare_suite's result: both values, the paired difference and
+    its interval, and what the interval resamples."""
+    metric = row["metric"]
+    model, base = result["models"][row["model"]], result["models"][row["baseline"]]
+    diff = model["diff"][metric]
+    return {"model": row["model"], "suite": row["suite"], "metric": f"{row['suite']}.{metric}", "n": model["n"],
+            "baseline": row["baseline"], "baseline_value": base["metrics"][metric]["value"],
+            "value": model["metrics"][metric]["value"], "delta": diff["value"], "ci_low": diff["ci_low"],
+            "ci_high": diff["ci_high"], "se": diff["se"], "interval": result["interval"]}
 
 
 DEGENERATE_SHARE = 0.9  # a model labelling more than this share of claims one way is close to a constant
@@ -350,12 +357,7 @@ def pooled_row_result(root: Path, refs: list[str], row: dict[str, str], seed: in
     pooled = pool_over_seeds([records(ref, row["model"]) for ref in refs], metric)
     result = compare_suite({row["baseline"]: base, row["model"]: pooled}, (metric,), row["baseline"],
                            EFFECT_BOOTSTRAP, seed)
-    model, baseline = result["models"][row["model"]], result["models"][row["baseline"]]
-    diff = model["diff"][metric]
-    return {"model": row["model"], "suite": row["suite"], "metric": f"{row['suite']}.{metric}", "n": model["n"],
-            "baseline": row["baseline"], "baseline_value": baseline["metrics"][metric]["value"],
-            "value": model["metrics"][metric]["value"], "delta": diff["value"], "ci_low": diff["ci_low"],
-            "ci_high": diff["ci_high"], "se": diff["se"], "interval": result["interval"], "training_seed": "pooled"}
+    return _paired(row, result) | {"training_seed": "pooled"}
 
 
 def results_file(root: Path, refs: list[tuple[Any, str]], spec: EffectSpec, params: Any, costs: list[dict[str, Any]],
@@ -442,7 +444,7 @@ def run_effect(root: Path, name: str, extra: dict[str, Any] | None = None, comma
 
 
 def _row_label(row: dict) -> str:
-    """A row's name in metric keys and the table: the model, and its seed in a seeded run."""
+    """A row's name in the MLflow metric keys: the model, and its seed in a seeded run."""
     seed = row.get("training_seed")
     return row["model"] + ("" if seed is None else ".pooled" if seed == "pooled" else f".seed{seed}")
 
