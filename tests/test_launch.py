@@ -3,6 +3,7 @@ gloo) through `dvc repro`, with no edit of dvc.yaml; rank 0 alone writes and log
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import mlflow
@@ -66,7 +67,7 @@ def test_only_rank_0_writes_outputs(trained_both_ways, tmp_path):
 
 
 PPO_RANK = """
-import os, sys
+import json, os, sys
 from pathlib import Path
 from closedloop.config import LoraParams
 from closedloop.feedback import ppo
@@ -74,8 +75,12 @@ from closedloop.feedback import ppo
 def fingerprint(policy):  # every weight, summed in float64: equal on two ranks only if their weights are
     return repr(sum(float(t.double().sum()) for t in policy.state_dict().values()))
 
+# Each rank reports into its own file: two ranks printing to one pipe can interleave mid-line.
+report = Path(sys.argv[3]) / f"rank{os.environ['RANK']}.json"
+found = {}
+
 def save(policy, tok, out_dir, p, _save=ppo._save):  # each rank's policy as training left it
-    print("rank", os.environ["RANK"], "weights", fingerprint(policy), flush=True)
+    found["weights"] = fingerprint(policy)
     return _save(policy, tok, out_dir, p)
 
 ppo._save = save
@@ -84,7 +89,7 @@ p = ppo.PPOParams(max_steps=2, rollout_batch_size=4, num_mini_batches=2, batch_s
                   lora=LoraParams(enabled=False))
 prompts = ["the quick brown fox", "a model writes", "what is two plus two", "please list three colors"]
 m = ppo.train_ppo(model, model, prompts, lambda q, r: [float(len(x.split())) for x in r], Path(sys.argv[2]), p, seed=0)
-print("rank", os.environ["RANK"], "steps", m["train_steps"], "rollout score", m["history"][0]["score"], flush=True)
+report.write_text(json.dumps({**found, "steps": m["train_steps"], "score": m["history"][0]["score"]}))
 """
 
 
@@ -101,15 +106,17 @@ def test_ppo_runs_data_parallel_on_two_ranks_whose_weights_stay_equal(tiny_model
     (tmp_path / "ppo_rank.py").write_text(PPO_RANK)
     launcher = launch_command(LaunchParams(num_processes=2), "unused", tmp_path)
     assert launcher[-4:] == ["-m", "closedloop", "stage", "unused"]  # the launcher, then what it runs
-    cmd = [*launcher[:-4], str(tmp_path / "ppo_rank.py"), str(tiny_model_dir), str(tmp_path / "out")]
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    cmd = [*launcher[:-4], str(tmp_path / "ppo_rank.py"), str(tiny_model_dir), str(tmp_path / "out"), str(reports)]
     env = {k: v for k, v in os.environ.items() if k != "CLOSEDLOOP_STAGE_SERVER"} | {
         "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("rank")]
-    weights = {r: w for _, r, kind, w in (ln[:4] for ln in lines) if kind == "weights"}
-    scores = {r: ln[-1] for ln in lines if ln[2] == "steps" for r in [ln[1]]}
-    assert set(weights) == set(scores) == {"0", "1"} and all(ln[3] == "2" for ln in lines if ln[2] == "steps")
+    ranks = {f.stem.removeprefix("rank"): json.loads(f.read_text()) for f in reports.glob("rank*.json")}
+    assert set(ranks) == {"0", "1"} and all(r["steps"] == 2 for r in ranks.values())
+    weights = {k: r["weights"] for k, r in ranks.items()}
+    scores = {k: r["score"] for k, r in ranks.items()}
     assert scores["0"] != scores["1"]  # each rank rolled out its own prompts and samples
     assert weights["0"] == weights["1"]  # and the averaged gradients kept the two policies equal
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
