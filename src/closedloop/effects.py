@@ -486,15 +486,21 @@ def _cut(row: dict) -> str:
     return f"{100 * row['baseline_truncated']:.0f} → {100 * row['truncated']:.0f}"
 
 
+def _seed_words(data: dict, row: dict) -> str:
+    """", seed 1" or ", pooled over 3 seeds" for a row of a seeded run; "" otherwise."""
+    seed = row.get("training_seed")
+    if seed is None:
+        return ""
+    return f", pooled over {len(data['seeds']['values'])} seeds" if seed == "pooled" else f", seed {seed}"
+
+
 def table(results: list[dict]) -> str:
     """The markdown table: one line per row of every results file."""
     lines = ["| run | method | metric | n | baseline | value | Δ [95% CI] | se | CI resamples | cut % | wall | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for data in results:
         for row in data.get("rows") or [data]:
-            seed = row.get("training_seed")
-            which = row["model"] + ("" if seed is None else f", pooled over {len(data['seeds']['values'])} seeds"
-                                    if seed == "pooled" else f", seed {seed}")
+            which = row["model"] + _seed_words(data, row)
             name = data.get("run", "") + (f" ({which})" if len(data.get("rows") or []) > 1 else "")
             lines.append(
                 f"| {name} | {row['method']} | {row['metric']} | {row['n']} | {row['baseline']} "
@@ -505,7 +511,7 @@ def table(results: list[dict]) -> str:
              f"rerun `{data['command']}` from a commit" for data in results if str(data.get("commit", "")).endswith("-dirty")]
     for data in results:
         for row in data.get("rows") or [data]:
-            name = f"{data.get('run', '')} ({row['model']} vs {row['baseline']})"
+            name = f"{data.get('run', '')} ({row['model']}{_seed_words(data, row)} vs {row['baseline']})"
             if u := row.get("untruncated"):
                 notes.append(f"- {name}: among the {u['n']} examples on which neither answer was cut at the token "
                              f"limit, Δ {_pts(u['delta'])} [{_pts(u['ci_low'])}, {_pts(u['ci_high'])}]")
