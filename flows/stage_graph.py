@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from closedloop.errors import UserError, dvc_error
+from closedloop.io import dvc_lock_mid_write, rereading
 
 # DVC's per-path read/write locks: `--wait-for-lock` waits for the repository lock only, so a
 # command touching files another DVC process holds fails at once with "... is busy". The flow
@@ -34,34 +35,32 @@ def stage_graph(root: Path, with_status: bool = True) -> StageGraph:
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
+    def read() -> StageGraph:
+        with Repo(str(root), _wait_for_lock=True) as repo:
+            graph = repo.index.graph  # edges point from a stage to the stages it depends on
+            stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+            upstream = {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage))
+                        for s in stages}
+            methods = {s.name: (s.meta or {}).get("method", "shared") for s in stages}
+            params = {s.name: {k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params or []}
+                      for s in stages}
+            stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
+        return StageGraph(upstream, methods, stale, params)
+
     # Wait for DVC's locks, as the stage tasks do: `_wait_for_lock` waits for the repository lock,
     # and a per-path lock ("... is busy": another flow's or a `dvc repro`'s stage is reading or
-    # writing those files) is polled. A flow started beside another queues behind it.
-    # DVC reads dvc.lock before taking its lock and rewrites it in place, so a `dvc repro` beside
-    # us can be caught mid-write ("dvc.lock validation failed"): reread a few times before reporting.
-    deadline, lock_rereads = time.monotonic() + LOCK_WAIT_SECONDS, 10
+    # writing those files) is polled. A flow started beside another queues behind it. A dvc.lock
+    # caught mid-write by a `dvc repro` beside us is read again (`rereading`).
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            with Repo(str(root), _wait_for_lock=True) as repo:
-                graph = repo.index.graph  # edges point from a stage to the stages it depends on
-                stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
-                upstream = {s.name: sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage))
-                            for s in stages}
-                methods = {s.name: (s.meta or {}).get("method", "shared") for s in stages}
-                params = {s.name: {k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params or []}
-                          for s in stages}
-                stale = {name.split(":")[-1] for name in repo.status()} if with_status else set()
-            break
+            return rereading(read, dvc_lock_mid_write)
         except LockError as e:
             if LOCK_BUSY not in str(e) or time.monotonic() > deadline:
                 raise dvc_error(e) from None
             time.sleep(LOCK_POLL_SECONDS)
         except DvcException as e:
-            if "dvc.lock" not in str(e) or lock_rereads == 0:
-                raise dvc_error(e) from None
-            lock_rereads -= 1
-            time.sleep(LOCK_POLL_SECONDS)
-    return StageGraph(upstream, methods, stale, params)
+            raise dvc_error(e) from None
 
 
 def stages_to_run(graph: dict[str, list[str]], methods: dict[str, str], targets: list[str]) -> set[str]:

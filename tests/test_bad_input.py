@@ -202,6 +202,10 @@ CASES = [
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": '{"key": 1, "prompt": "hi"}\n'}),
     Case("prompts-non-utf8", EVAL, ["prompts.jsonl:1", "UTF-8"],
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": b"{\"prompt\": \"caf\xe9\"}\n"}),
+    # longer than the tiny model's 4096 positions: refused before any generation, not run past them
+    Case("prompts-longer-than-the-context", EVAL, ["generation", "context of 4096 tokens", "has 5"],
+         params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}},
+         files={"prompts.jsonl": json.dumps(json.loads(PROMPT_ROW) | {"prompt": "the " * 5000}) + "\n"}),
     Case("prompts-empty", EVAL, ["evaluate.prompts", "prompts.jsonl", "no rows"],
          params={"evaluate": {"prompts": "{tmp}/prompts.jsonl"}}, files={"prompts.jsonl": "\n"}),
     # held-out claims (evaluate.claims) and DCT's inputs

@@ -14,6 +14,7 @@ from conftest import TINY_PARAMS, copy_project, project_env, set_params
 
 pytestmark = pytest.mark.e2e
 METRICS = "data/eval/rft/metrics.json"
+SWEPT = "rft.sft.learning_rate"
 
 
 def dvc(root, env, *args) -> str:
@@ -42,8 +43,9 @@ def swept(tmp_path_factory, tiny_model_dir):
                         "GIT_COMMITTER_EMAIL": "t@t", "PATH": project_env(root, root)["PATH"]})
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
     env.pop("CLOSEDLOOP_STAGE_SERVER")  # a user's plain `dvc exp run`: each stage a process of its own
-    dvc(root, env, "exp", "run", "-n", "ns3", "-S", "rft.num_samples=3", "eval@rft")
-    dvc(root, env, "exp", "run", "--queue", "-S", "rft.num_samples=5,6", "eval@rft")  # a grid: 2 experiments
+    dvc(root, env, "exp", "run", "-n", "lr3", "-S", f"{SWEPT}=0.0003", "eval@rft")
+    # a grid of 2 experiments, as docs/usage.md sweeps SFT: sampling comes from DVC's run cache
+    dvc(root, env, "exp", "run", "--queue", "-S", f"{SWEPT}=0.0001,0.0002", "eval@rft")
     dvc(root, env, "exp", "run", "--run-all", "-j", "1")
     show = json.loads(dvc(root, env, "exp", "show", "--json"))
     return root, experiments(show)
@@ -55,11 +57,11 @@ def test_exp_show_lists_each_experiment_with_its_params_and_metrics(swept):
     seen = {}
     for name, data in exps.items():
         params = data["params"]["params.yaml"]["data"]
-        seen[params["rft"]["num_samples"]] = name
+        seen[params["rft"]["sft"]["learning_rate"]] = name
         metrics = data["metrics"][METRICS]["data"]
         assert 0.0 <= metrics["prompt_level_strict"] <= 1.0
-    assert sorted(seen) == [3, 5, 6]
-    assert seen[3] == "ns3"
+    assert sorted(seen) == [0.0001, 0.0002, 0.0003]
+    assert seen[0.0003] == "lr3"
 
 
 def test_each_experiments_stages_are_mlflow_runs_tagged_with_its_name(swept):
@@ -71,7 +73,9 @@ def test_each_experiments_stages_are_mlflow_runs_tagged_with_its_name(swept):
         runs = mlflow.search_runs([exp.experiment_id], output_format="list",
                                   filter_string=f"tags.`closedloop.dvc_exp` = '{name}'")
         by_stage = {r.info.run_name: r for r in runs}
-        assert {"rft_sample", "rft_verify", "rft_train", "eval@rft"} <= set(by_stage), (name, sorted(by_stage))
-        num_samples = data["params"]["params.yaml"]["data"]["rft"]["num_samples"]
-        assert by_stage["rft_sample"].data.params["rft.num_samples"] == str(num_samples)
-        assert by_stage["rft_sample"].info.status == "FINISHED"
+        # the first experiment ran the whole ancestry; the queued ones only what the swept param feeds
+        ran = {"rft_train", "eval@rft"} | ({"base", "prepare", "facts", "rft_sample", "rft_verify"} if name == "lr3" else set())
+        assert set(by_stage) == ran, (name, sorted(by_stage))
+        learning_rate = data["params"]["params.yaml"]["data"]["rft"]["sft"]["learning_rate"]
+        assert float(by_stage["rft_train"].data.params[SWEPT]) == learning_rate
+        assert all(r.info.status == "FINISHED" for r in runs)

@@ -282,3 +282,18 @@ def test_greedy_equals_hf_on_smollm2(tmp_path_factory):
     ref = HFBackend(model, tok, batch_size=16, show_progress=False).generate(prompts, params)
     got = _engine(model, tok, batch_size=16).generate(prompts, params)
     assert got == ref
+
+
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_a_prompt_longer_than_the_context_is_refused_before_generation(tiny, backend):
+    model, tok = tiny
+    limit = model.config.max_position_embeddings
+    fits = "the " * (limit - 40)  # with the chat template's few tokens and 8 new ones, it fits
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    gen = make_backend(backend, model, tok, show_progress=False)
+    assert len(gen.generate([fits], params)[0]) == 1
+    with pytest.raises(UserError, match=rf"1 of 2 prompts do not fit the model's context of {limit} tokens "
+                                        rf"with 8 new tokens \(the longest, prompt 1 counting from 0, has {limit + 10} tokens"):
+        gen.generate(["red", "the " * (limit + 10)], params)
+    with pytest.raises(UserError, match="with 48 new tokens"):  # the new tokens count against the context
+        gen.generate([fits], SamplingParams(n=1, temperature=0.0, max_new_tokens=48))

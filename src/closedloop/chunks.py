@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from closedloop.io import dvc_lock_mid_write, read_jsonl, rereading, write_jsonl
+from closedloop.io import read_jsonl, write_jsonl
+from closedloop.stage_params import collected
 
 CHUNK_BATCHES = 4  # a chunk is this many generation batches: a kill loses at most that much work
 
@@ -37,13 +38,10 @@ CHUNK_BATCHES = 4  # a chunk is this many generation batches: a kill loses at mo
 def stage_fingerprint(root: Path, stage: str) -> str:
     """What the stage's output is a function of: its command, its params' values and DVC's hash of
     each dep (DVC's own state cache makes that cheap for files it has hashed before)."""
-    from dvc.repo import Repo
-
-    def read() -> tuple[Any, list]:
-        with Repo(str(root)) as repo:
-            (resolved,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
-            return resolved.cmd, sorted((str(d.def_path), str(d.get_hash())) for d in resolved.deps)
-    cmd, deps = rereading(read, dvc_lock_mid_write)
+    def read(found: list) -> tuple[Any, list]:
+        (resolved,) = found
+        return resolved.cmd, sorted((str(d.def_path), str(d.get_hash())) for d in resolved.deps)
+    cmd, deps = collected(root, stage, read)
     blob = json.dumps({"stage": stage, "cmd": cmd, "deps": deps}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

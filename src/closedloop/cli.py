@@ -28,6 +28,12 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
     root = Path.cwd()
     fn, key = get_stage(args.name)  # unknown stage: error before anything else
+    if not sys.stderr.isatty():
+        # A log, not a terminal (the flow, an effect run, captured output): transformers' "Loading
+        # weights" bar would only add carriage-return noise there, above any one-line error.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     params = load_params(root / "params.yaml")
     stage = declaration(root, args.name)
     declared = stage.params

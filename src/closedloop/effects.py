@@ -11,6 +11,8 @@ An effect run is a file `experiments/<run>.yaml`:
       - {model: rft, baseline: base, suite: instruction_following, metric: prompt_level_strict}
       # records of other stages: <dir>/<name>/records.jsonl (default dir: data/eval)
       - {model: it1, baseline: base, suite: refiner_judging, metric: judge_accuracy, dir: data/spar/judge}
+    requires:                           # params the user must give with --set (data on their machine)
+      evaluate.prompts: IFEval's input_data.jsonl, as an absolute path
 
 `closedloop effect <run>` validates the overridden params, refuses uncommitted changes to
 tracked files (unless `--allow-dirty`), runs `dvc exp run --temp -n <run>` (so `dvc exp show`
@@ -93,10 +95,16 @@ def load_spec(root: Path, name: str, extra: dict[str, Any] | None = None) -> Eff
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{rel}: expected a mapping with method, description, targets, params, rows")
-    unknown = set(data) - {"method", "description", "targets", "params", "rows", "seeds"}
+    unknown = set(data) - {"method", "description", "targets", "params", "rows", "seeds", "requires"}
     if unknown:
         raise UserError(f"{rel}: unknown key {sorted(unknown)[0]!r} (expected method, description, targets, params, "
-                        "rows, seeds)")
+                        "rows, seeds, requires)")
+    requires = data.get("requires") or {}
+    if not isinstance(requires, dict) or not all(isinstance(v, str) for v in requires.values()):
+        raise UserError(f"{rel}: requires: expected {{dotted params.yaml key: what the user gives there}}")
+    if missing := [k for k in requires if k not in (extra or {})]:
+        # The run's temporary workspace holds only tracked files: the user's data is named by --set.
+        raise UserError(f"{rel}: this run needs --set {missing[0]}=<{requires[missing[0]]}>")
     for key, kind in (("method", str), ("description", str), ("targets", list), ("params", dict), ("rows", list)):
         if not isinstance(data.get(key), kind) or not data[key]:
             raise UserError(f"{rel}: {key}: expected a non-empty {kind.__name__}")

@@ -127,6 +127,21 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=isinstance(prompt, str))
 
 
+def check_fits_context(model: Any, lengths: Sequence[int], new_tokens: int) -> None:
+    """Refuse, before any generation, prompts whose tokens plus `new_tokens` exceed the model's
+    context (`config.max_position_embeddings`): past it a model writes garbage or runs out of
+    memory (a 20 MB prompt) instead of failing. A model whose config names no context passes."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    too_long = [i for i, n in enumerate(lengths) if n + new_tokens > limit]
+    if too_long:
+        worst = max(too_long, key=lambda i: lengths[i])
+        raise UserError(f"generation: {len(too_long)} of {len(lengths)} prompts do not fit the model's context of "
+                        f"{limit} tokens with {new_tokens} new tokens (the longest, prompt {worst} counting from 0, "
+                        f"has {lengths[worst]} tokens); shorten those prompts or lower max_new_tokens")
+
+
 def first_stop(text: str, stops: Sequence[str]) -> int:
     """Index in `text` where the earliest stop string starts, or -1."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -306,6 +321,7 @@ class HFBackend:
         encoded = [self._encode(p) for p in prompts]
         if empty := [i for i, e in enumerate(encoded) if not e]:
             raise UserError(f"generation: prompts {empty[:5]} are empty after tokenization")
+        check_fits_context(self.model, [len(e) for e in encoded], params.max_new_tokens)
         # Longest first: similar lengths share a batch (less padding) and a too-long batch fails early.
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         # Greedy completions are all equal (and generate refuses num_return_sequences > 1 without

@@ -9,10 +9,13 @@ key read is recorded (`reads`) so tests can compare what the code reads with wha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from closedloop.config import Params
+
+T = TypeVar("T")
 
 
 class UndeclaredParam(RuntimeError):
@@ -27,21 +30,30 @@ class Declaration:
     meta: dict  # its `meta:` (method, trains)
 
 
+def collected(root: Path, stage: str, use: Callable[[list], T]) -> T:
+    """`use(stages)` on DVC's own parse of `stage` in dvc.yaml (a foreach group: its members), with
+    the repository open (a dep's hash needs it); read again while another DVC process is rewriting
+    dvc.lock. DVC errors are raised as they are."""
+    from dvc.repo import Repo
+
+    from closedloop.io import dvc_lock_mid_write, rereading
+
+    def read() -> T:
+        with Repo(str(root)) as repo:
+            # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
+            return use(repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}"))
+    return rereading(read, dvc_lock_mid_write)
+
+
 def declaration(root: Path, stage: str) -> Declaration:
     """What the stage declares in dvc.yaml, from DVC's own parse (foreach expanded)."""
     from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
 
     from closedloop.errors import UserError, dvc_error
-    from closedloop.io import dvc_lock_mid_write, rereading
 
-    def collect() -> list:
-        with Repo(str(root)) as repo:
-            # An explicit dvc.yaml path: a bare stage name would be looked up from the current directory.
-            return repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")
     try:
-        found = rereading(collect, dvc_lock_mid_write)
+        found = collected(root, stage, list)
     except DvcException as e:
         raise dvc_error(e) from None
     if [s.name for s in found] != [stage]:  # a foreach group's name: DVC returns its members

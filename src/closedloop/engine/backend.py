@@ -54,8 +54,8 @@ from closedloop import progress
 from closedloop.engine.kv import SlotCache, Window, is_plain_dynamic
 from closedloop.engine.sampling import sample_next
 from closedloop.errors import UserError
-from closedloop.generate import (Completion, Prompt, SamplingParams, encode_prompt, first_stop, make_completion,
-                                 raw_prompt, stop_token_ids)
+from closedloop.generate import (Completion, Prompt, SamplingParams, check_fits_context, encode_prompt, first_stop,
+                                 make_completion, raw_prompt, stop_token_ids)
 
 # combine(per-model float32 logits, each (rows, vocab), each row's prompt index in the caller's list)
 # -> (rows, vocab) float32 logits to sample from.
@@ -214,6 +214,10 @@ class EngineBackend:
         encoded = list(zip(*views))
         if empty := [i for i, e in enumerate(encoded) if not all(e)]:
             raise UserError(f"generation: prompts {empty[:5]} are empty after tokenization")
+        # The sampled tokens' budget; a scaffold's forced headers and a reader's tokens add a few more.
+        new_tokens = sum(ph.max_new_tokens for ph in phases) if phases else params.max_new_tokens
+        for model, view in zip(self.models, views):
+            check_fits_context(model, [len(ids) for ids in view], new_tokens)
         copies = 1 if params.temperature == 0 else params.n
         training = [m.training for m in self.models]
         for m in self.models:

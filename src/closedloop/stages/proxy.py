@@ -173,8 +173,8 @@ def run_eval(params: Any, root: Path, key: str | None) -> None:
     write_jsonl(root / REPORT, records)
     write_jsonl(root / DATA / "base_records.jsonl", [{**r, "model": trio["base"]} for r in base_records])
     # gap closed is undefined when the directly tuned model gained nothing, and its interval unbounded
-    # when that gain is not clear of 0: null in the metrics file, not logged to MLflow
-    write_json(root / DATA / "eval_metrics.json", {k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
+    # when that gain is not clear of 0: null in the metrics file (write_json), not logged to MLflow
+    write_json(root / DATA / "eval_metrics.json", metrics)
     mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
     mlflow.set_tags({f"closedloop.proxy_{r}": trio[r] for r in proxy.ROLES})  # the models this configuration resolved to
 
