@@ -281,10 +281,13 @@ def tag_lock_hash(root: Path, tracking_uri: str | None, experiment: str, parent_
         experiment_ids=[exp_id], output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TAG_STAGE}` = '{stage}'",
     )
-    md5 = lock_entry_md5(root, stage)
-    if not runs or md5 is None:
+    if not runs:
         return None
+    # `more` is tagged even without the hash: a dvc.lock read while a concurrent stage's DVC rewrites
+    # it can lack this stage's entry, and the flow's spans must not be lost with it.
+    md5 = lock_entry_md5(root, stage)
+    tags = {**({TAG_LOCK: md5} if md5 is not None else {}), **(more or {})}
     client = mlflow.MlflowClient()
-    for key, value in {TAG_LOCK: md5, **(more or {})}.items():
+    for key, value in tags.items():
         client.set_tag(runs[0].info.run_id, key, value)
     return runs[0].info.run_id
