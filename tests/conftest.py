@@ -33,13 +33,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # every subprocess (stages, flows) in
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-# xdist (--dist loadfile) hands out files by their number of tests, most first, and in collection
-# order among files with as many; this order puts these slow ones first among their equals.
-# Making it the whole order (`--no-loadscope-reorder`, every slow file ranked) took pytest from
-# 882 s to 816 s on a fresh clone, but put the fault tests in the busiest first wave, where
-# test_dvc_exp_run_beside_a_flow lost a timing race: not used until that test is made robust.
-SLOWEST_FIRST = ("test_e2e_pipeline.py", "test_e2e_schedule.py", "test_e2e_effect.py", "test_e2e_faults.py",
-                 "test_e2e_sweep.py")
+# The slow files, slowest first, by their time (seconds at -n 3 on a fresh clone, 2 cores): files
+# go to the workers in collection order (--dist loadfile --no-loadscope-reorder; xdist's default
+# orders them by test count, which started the 640 s pipeline file behind files of many quick
+# cases, and made it the suite's tail). Re-measure with `pytest --durations=0` when they move.
+SLOWEST_FIRST = (
+    "test_e2e_pipeline.py",  # 640
+    "test_e2e_schedule.py",  # 228
+    "test_e2e_faults.py",  # 225
+    "test_e2e_sweep.py",  # 221
+    "test_e2e_effect.py",  # 217
+    "test_e2e_effect_spar.py",  # 145
+    "test_stage_server.py",  # 89
+    "test_engine.py",  # 85
+    "test_e2e_dct.py",  # 74
+    "test_launch.py",  # 70
+    "test_e2e_plugin.py",  # 69
+    "test_bad_input.py",  # 57
+    "test_kill_resume.py",  # 48
+    "test_e2e_effect_dct.py",  # 46
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
