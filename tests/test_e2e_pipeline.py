@@ -28,7 +28,7 @@ SPAR_STAGES = {"spar_init", "spar_eval_init", "eval@spar-it1", "spar_ablation_da
                "spar_ablation_actor@no_refine"} | {f"{s}@it1" for s in SPAR_STEPS}
 DCT_STAGES = {"facts", "eval@dct"} | {f"dct_{s}" for s in ("seed", "expand", "score", "solve", "train", "train_seeds",
                                                              "coherence")}
-SPCT_STAGES = {f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")}
+SPCT_STAGES = {f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "meta_rm", "eval")}
 RLHF_STAGES = {"eval@rlhf"} | {f"rlhf_{s}" for s in ("prefs", "rm", "policy", "eval")}
 PROXY_STAGES = {"eval@proxy-expert"} | {f"proxy_{s}" for s in ("small", "expert", "eval")}
 ALL_STAGES = RFT_STAGES | SPAR_STAGES | DCT_STAGES | SPCT_STAGES | RLHF_STAGES | PROXY_STAGES
@@ -142,6 +142,12 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert {(r["variant"], r["k"]) for r in voting} == {(v, k) for v in ("voting", "meta_rm_voting") for k in (1, 2, 4)}
     assert "scaling.png" in {a.path for a in client.list_artifacts(by_stage["spct_eval"].info.run_id)}
     assert (root / "models/spct/rm/model.safetensors").is_file() and (root / "models/spct/grm/model.safetensors").is_file()
+    # the meta RM learned from the final GRM's own judgments (num_samples per train example), not the base's
+    train = (root / "data/spct/train.jsonl").read_text().splitlines()
+    meta_traj = [json.loads(line) for line in (root / "data/spct/meta_trajectories.jsonl").read_text().splitlines()]
+    assert len(meta_traj) == 4 * len(train) and {t["key"] for t in meta_traj} == {json.loads(t)["key"] for t in train}
+    assert by_stage["spct_meta_rm"].data.metrics["trajectories"] == len(meta_traj)
+    assert json.loads((root / "models/spct/meta_rm.json").read_text())["train_examples"] == len(meta_traj)
     # RLHF: PPO's per-step curves in MLflow, the RM's held-out accuracy, its win-rate table, the KL
     ppo = by_stage["rlhf_policy"]
     for name in ("score", "kl", "entropy", "response_length", "clip_frac", "value_loss", "approx_kl"):

@@ -184,12 +184,12 @@ def test_paired_interval_is_tighter_than_independent_ones():
 
 
 def test_spct_target_runs_its_stages_and_what_they_read(graph):
-    """`--target spct` on the real graph: SPCT's six stages, plus the RFT samples its default data
+    """`--target spct` on the real graph: SPCT's seven stages, plus the RFT samples its default data
     source reads, never another method's training or evaluation."""
     upstream, methods = graph.upstream, graph.methods
     order = execution_order(upstream, methods, ["spct"], set(upstream))  # a fresh clone: everything stale
     spct = [s for s in order if methods[s] == "spct"]
-    assert spct == [f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "eval")]
+    assert spct == [f"spct_{s}" for s in ("data", "rejective", "rft", "grpo", "rm", "meta_rm", "eval")]
     assert {"rft_sample", "rft_verify", "base"} <= set(order)
     assert not {"rft_train", "eval@rft", "dct_train", "spar_actor@it1"} & set(order)
 

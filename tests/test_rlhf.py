@@ -118,3 +118,23 @@ def test_rejection_sampling_is_rft_with_the_reward_model_verifier(tmp_path, tiny
         r = reward_scores(rm, tok, [s["prompt"] for s in mine], [s["response"] for s in mine])
         assert len(set(r)) == len(r)  # no tie: the best is well defined
         assert kept[k] == mine[max(range(len(mine)), key=r.__getitem__)]["response"]
+
+
+def test_the_reward_model_verifier_scores_what_its_model_was_trained_on(tmp_path, tiny_model_dir):
+    """SPCT's scalar RM learns from responses cut to spct.data.max_chars; its best-of-N scores them
+    cut the same way (max_chars), not whole."""
+    from closedloop.feedback.reward_model import load_reward_model, reward_scores
+    from closedloop.verifiers import get_verifier
+
+    tok, rm = load_reward_model(tiny_model_dir)
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "rm")
+    long = "the sea and the sky " * 6
+    samples = [{"prompt": "write about the sea", "response": r} for r in (long, "red green blue")]
+    cut = get_verifier("reward_model", model=str(tmp_path / "rm"), max_chars=20).verify_batch(samples)
+    whole = get_verifier("reward_model", model=str(tmp_path / "rm")).verify_batch(samples)
+    tok, rm = load_reward_model(tmp_path / "rm")
+    expected = reward_scores(rm, tok, [s["prompt"] for s in samples], [s["response"][:20] for s in samples])
+    assert [v.details["reward"] for v in cut] == pytest.approx(expected, abs=1e-5)
+    assert cut[0].details["reward"] != pytest.approx(whole[0].details["reward"], abs=1e-5)  # the cut matters
+    assert cut[1].details["reward"] == pytest.approx(whole[1].details["reward"], abs=1e-5)  # a short one is whole

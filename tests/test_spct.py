@@ -302,3 +302,20 @@ def test_split_holds_out_whole_prompts():
     train, evalset = spct.split_examples(examples, 0.5, 100, 100, seed=0)
     assert train and evalset and not {e["prompt"] for e in train} & {e["prompt"] for e in evalset}
     assert len(train) + len(evalset) == len(examples)
+
+
+def test_grpo_trains_with_the_papers_loss_unless_told_otherwise(tmp_path):
+    """TRL's GRPOConfig defaults loss_type to "dapo"; GRPO (DeepSeekMath, SPCT) averages each
+    completion's token losses, then the completions: "grpo", set explicitly. RLOO has its own loss."""
+    import dataclasses
+
+    from closedloop.config import GRPOParams
+    from closedloop.feedback.grpo import online_rl_config
+
+    p = GRPOParams()
+    grpo = online_rl_config("grpo", tmp_path, p, seed=0)
+    assert (grpo.loss_type, grpo.beta, grpo.num_generations, grpo.epsilon) == ("grpo", 0.08, 4, 0.2)
+    assert online_rl_config("grpo", tmp_path, dataclasses.replace(p, loss_type="dr_grpo"), seed=0).loss_type == "dr_grpo"
+    assert type(online_rl_config("rloo", tmp_path, p, seed=0)).__name__ == "RLOOConfig"
+    with pytest.raises(ValueError, match="unknown online RL algorithm 'ppo'"):
+        online_rl_config("ppo", tmp_path, p, seed=0)

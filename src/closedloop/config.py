@@ -307,6 +307,10 @@ class GRPOParams(TrainParams):
     top_p: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
     max_steps: int = field(default=2, metadata=bounds(ge=1))  # optimiser steps (overrides epochs)
     clip: float = field(default=0.2, metadata=bounds(gt=0.0, le=10.0))  # PPO-style ratio clip epsilon
+    # How token losses are averaged (GRPO only; RLOO has its own). "grpo", the papers' (DeepSeekMath,
+    # SPCT): over each completion's tokens, then over completions. TRL's default is "dapo" (over all
+    # tokens of the batch); "dr_grpo" and "bnpo" are TRL's other length-debiased forms.
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "grpo"
     learning_rate: float = field(default=5e-5, metadata=bounds(gt=0.0, le=1.0))
     batch_size: int = field(default=4, metadata=bounds(ge=1, le=4096))
     epochs: float = field(default=1.0, metadata=bounds(gt=0.0, le=10_000))  # max_steps decides the length

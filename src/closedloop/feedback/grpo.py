@@ -20,6 +20,21 @@ from typing import Any
 from closedloop.feedback.common import live_metrics, load_for_training, lora_config, save_trained, trainer_args
 
 
+def online_rl_config(algorithm: str, out_dir: Path, p: Any, *, seed: int, dtype: str = "float32") -> Any:
+    """TRL's GRPOConfig or RLOOConfig for these params (GRPO's loss_type set explicitly: TRL's
+    default is not GRPO's)."""
+    import trl
+
+    kinds = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}
+    if algorithm not in kinds:
+        raise ValueError(f"unknown online RL algorithm {algorithm!r} (expected one of {', '.join(kinds)})")
+    args = {k: v for k, v in trainer_args(Path(out_dir), p, seed=seed, dtype=dtype).items() if k != "max_length"}
+    own_loss = {"loss_type": p.loss_type} if algorithm == "grpo" else {}  # RLOOConfig has no loss_type
+    return kinds[algorithm](**args, **own_loss, beta=p.beta, num_generations=p.num_generations,
+                            max_completion_length=p.max_completion_length, temperature=p.temperature,
+                            top_p=p.top_p, max_steps=p.max_steps, epsilon=p.clip)
+
+
 def train_grpo(model_dir: Path, rows: list[dict], reward_fn: Callable[..., list[float]], out_dir: Path, p: Any, *,
                seed: int, dtype: str = "float32", algorithm: str = "grpo") -> dict:
     """GRPO (or RLOO) from the checkpoint in model_dir on `rows` (each with a `prompt`: a string, or a
@@ -27,16 +42,10 @@ def train_grpo(model_dir: Path, rows: list[dict], reward_fn: Callable[..., list[
     import trl
     from datasets import Dataset
 
-    kinds = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer)}
-    if algorithm not in kinds:
-        raise ValueError(f"unknown online RL algorithm {algorithm!r} (expected one of {', '.join(kinds)})")
-    config_cls, trainer_cls = kinds[algorithm]
+    config = online_rl_config(algorithm, out_dir, p, seed=seed, dtype=dtype)
+    trainer_cls = trl.GRPOTrainer if algorithm == "grpo" else trl.RLOOTrainer
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tok, model = load_for_training(model_dir, dtype, seed)
-    args = {k: v for k, v in trainer_args(out_dir, p, seed=seed, dtype=dtype).items() if k != "max_length"}
-    config = config_cls(**args, beta=p.beta, num_generations=p.num_generations,
-                        max_completion_length=p.max_completion_length, temperature=p.temperature, top_p=p.top_p,
-                        max_steps=p.max_steps, epsilon=p.clip)
     trainer = trainer_cls(model=model, reward_funcs=reward_fn, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=lora_config(p.lora) if p.lora.enabled else None,
                           callbacks=[live_metrics()])

@@ -77,8 +77,10 @@ class RejectiveParams:
 @dataclass
 class MetaRMParams:
     """A logistic-regression meta RM over features of a judgment's score distributions (margin,
-    confidence, entropy, length), trained with BCE on right vs wrong rejective trajectories. The
-    paper's meta RM is a text model; this one costs nothing to run, which voting@k needs on 2 cores."""
+    confidence, entropy, length), trained with BCE on right vs wrong judgments that the final GRM
+    (models/spct/grm, whose votes it filters) samples on the train examples. The paper's meta RM is a
+    text model; this one costs nothing to run, which voting@k needs on 2 cores."""
+    num_samples: int = field(default=4, metadata=bounds(ge=1, le=1024))  # GRM judgments per train example
     steps: int = field(default=300, metadata=bounds(ge=1, le=1_000_000))
     learning_rate: float = field(default=0.05, metadata=bounds(gt=0.0, le=10.0))
     weight_decay: float = field(default=0.01, metadata=bounds(ge=0.0, le=10.0))

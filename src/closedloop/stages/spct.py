@@ -5,7 +5,8 @@
                                                                  data/spct/{trajectories,rft}.jsonl, metrics
     spct_rft        rejective fine-tuning: SFT from models/base  models/spct/rft
     spct_grpo       rule-based GRPO (+1 / -1, KL) from models/spct/rft   models/spct/grm, step curves
-    spct_rm         the scalar Bradley-Terry RM (models/spct/rm) and the meta RM (models/spct/meta_rm.json)
+    spct_rm         the scalar Bradley-Terry RM (models/spct/rm)
+    spct_meta_rm    the meta RM (models/spct/meta_rm.json), from the final GRM's own judgments
     spct_eval       accuracy@1 of every judge, voting@k and meta-RM voting@k curves, best-of-N on the
                     policy's samples per selector; rows for the comparison report (data/eval/spct/)
 """
@@ -177,12 +178,24 @@ def run_rm(params: Any, root: Path, key: str | None) -> None:
     with atomic_dir(root / MODELS / "rm") as tmp:
         metrics = train_reward_model(root / "models/base", pairs, tmp, params.spct.rm.value(), seed=params.seed,
                                      dtype=params.model.dtype)
-    traj = read_jsonl(root / DATA / "trajectories.jsonl")
-    meta = spct.train_meta_rm([t["features"] for t in traj], [float(t["right"]) for t in traj],
-                              params.spct.meta_rm.value(), params.seed)
-    write_json(root / MODELS / "meta_rm.json", meta)
-    metrics |= {f"meta_rm_{k}": v for k, v in meta.items() if k.startswith("train_")}
     log_training(metrics, root / DATA / "rm_metrics.json")
+
+
+def run_meta_rm(params: Any, root: Path, key: str | None) -> None:
+    """The meta RM, from judgments of the model whose votes it filters at evaluation (the final GRM),
+    sampled as voting samples them, on the train examples."""
+    m = params.spct.meta_rm.value()
+    train = read_jsonl(root / DATA / "train.jsonl")
+    per = _judge(params, open_backend(params, root, MODELS / "grm", params.spct.batch_size), train, m.num_samples,
+                 seed_offset=3)
+    traj = [_judgment_row(ex, j, False) for ex, judgments in zip(train, per) for j in judgments]
+    write_jsonl(root / DATA / "meta_trajectories.jsonl", traj)
+    meta = spct.train_meta_rm([t["features"] for t in traj], [float(t["right"]) for t in traj], m, params.seed)
+    write_json(root / MODELS / "meta_rm.json", meta)
+    metrics = {"trajectories": len(traj), "trajectory_accuracy": sum(t["right"] for t in traj) / max(1, len(traj)),
+               **{f"meta_rm_{k}": v for k, v in meta.items() if k.startswith("train_")}}
+    write_json(root / DATA / "meta_rm_metrics.json", metrics)
+    mlflow.log_metrics(metrics)
 
 
 def _best_of_n(params: Any, root: Path, eval_prompts: set[str]) -> tuple[list[dict], dict]:
@@ -201,7 +214,7 @@ def _best_of_n(params: Any, root: Path, eval_prompts: set[str]) -> tuple[list[di
     flat = [s for k in keys for s in by_key[k][: max(ev.best_of_n)]]
     oracle = get_verifier("ifeval_rules", mode="strict").verify_batch(flat)
     truth = {id(s): v for s, v in zip(flat, oracle)}
-    args = {"reward_model": {"model": str(root / MODELS / "rm"), "dtype": params.model.dtype},
+    args = {"reward_model": {"model": str(root / MODELS / "rm"), "dtype": params.model.dtype, "max_chars": d.max_chars},
             "generative_rm": {"model": str(root / MODELS / "grm"), "dtype": params.model.dtype,
                               "principles": _grm(params).principles, "score_mode": _grm(params).score_mode,
                               "principles_tokens": _grm(params).principles_tokens,
@@ -314,4 +327,4 @@ def _plot(curve: list[dict], bon: list[dict], path: Path) -> None:
 
 
 STAGES = {"spct_data": run_data, "spct_rejective": run_rejective, "spct_rft": run_rft, "spct_grpo": run_grpo,
-          "spct_rm": run_rm, "spct_eval": run_eval}
+          "spct_rm": run_rm, "spct_meta_rm": run_meta_rm, "spct_eval": run_eval}

@@ -20,12 +20,15 @@ class RewardModelVerifier(Verifier):
     source = Source.MODEL
 
     def __init__(self, model: str = "models/spct/rm", threshold: float = 0.0, batch_size: int = 16,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", max_chars: int | None = None) -> None:
         from closedloop.feedback.reward_model import load_reward_model
 
         self.tok, self.model = load_reward_model(Path(model), dtype)
         self.threshold = threshold  # passed: reward >= threshold
         self.batch_size = batch_size
+        # Responses cut to this many characters, as the RM's training pairs were (SPCT's
+        # spct.data.max_chars): a reward model scores only the kind of text it was trained on.
+        self.max_chars = max_chars
 
     def verify(self, sample: dict) -> Verdict:
         return self.verify_batch([sample])[0]
@@ -34,6 +37,6 @@ class RewardModelVerifier(Verifier):
         from closedloop.feedback.reward_model import reward_scores
 
         rewards = reward_scores(self.model, self.tok, [s["prompt"] for s in samples],
-                                [s["response"] for s in samples], self.batch_size)
+                                [s["response"][: self.max_chars] for s in samples], self.batch_size)
         return [Verdict(r >= self.threshold, 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, r)))), {"reward": r})
                 for r in rewards]
