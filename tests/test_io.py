@@ -1,7 +1,10 @@
-"""Atomic outputs: complete or absent, never partial; extra ranks of a multi-process launch write nothing."""
+"""Atomic outputs: complete or absent, never partial; extra ranks of a multi-process launch write
+nothing; files another process rewrites in place are read again."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 
@@ -159,3 +162,26 @@ def test_nan_and_infinity_are_refused_on_input_and_never_written(tmp_path):
     write_json(tmp_path / "m.json", {"ratio": float("-inf"), "ok": 0.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"ok": 0.5, "ratio": None}
     assert read_jsonl(tmp_path / "out.jsonl") == [{"loss": None, "xs": [1.5, None], "k": "NaN"}]
+
+
+def test_a_dvc_lock_caught_mid_rewrite_is_read_again_for_the_stage_that_ran(tmp_path):
+    """DVC rewrites dvc.lock in place: a read beside it can see a file that parses but ends before
+    the stage's entry (the flow tags each stage's run with its entry's hash right after it ran)."""
+    import threading
+
+    import yaml
+
+    from closedloop.tracking import lock_entry_md5
+
+    whole = {"schema": "2.0", "stages": {"prepare": {"cmd": "a"}, "rft_sample": {"cmd": "b"}}}
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": {"cmd": "a"}}}))
+    finish = threading.Timer(0.7, lambda: lock.write_text(yaml.safe_dump(whole)))
+    finish.start()
+    try:
+        md5 = lock_entry_md5(tmp_path, "rft_sample")
+    finally:
+        finish.join()
+    assert md5 == hashlib.md5(json.dumps({"cmd": "b"}, sort_keys=True).encode()).hexdigest()
+    assert lock_entry_md5(tmp_path, "never_ran") is None  # absent for good: None, after the rereads
+    assert lock_entry_md5(tmp_path / "elsewhere", "rft_sample") is None  # no dvc.lock

@@ -253,21 +253,32 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+class _EntryMissing(LookupError):
+    pass
+
+
 def lock_entry_md5(root: Path, stage: str) -> str | None:
-    """md5 of the stage's entry in dvc.lock (deps, params and outs hashes), None if absent."""
+    """md5 of the stage's entry in dvc.lock (deps, params and outs hashes), None if absent. Called
+    once the stage has run, so a file without its entry, like one that does not parse, is taken for
+    a read of a dvc.lock that a `dvc repro` beside us (the flow's concurrent stages) was rewriting
+    in place, and read again."""
     import yaml
 
     from closedloop.io import rereading
 
     lock = root / "dvc.lock"
-    if not lock.is_file():
+
+    def entry() -> dict:
+        found = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage)
+        if found is None:
+            raise _EntryMissing(stage)
+        return found
+
+    try:
+        found = rereading(entry, lambda e: isinstance(e, (yaml.YAMLError, _EntryMissing)), tries=6)
+    except (_EntryMissing, FileNotFoundError):
         return None
-    # a `dvc repro` beside us (the flow's concurrent stages) may be rewriting it in place
-    data = rereading(lambda: yaml.safe_load(lock.read_text()), lambda e: isinstance(e, yaml.YAMLError))
-    entry = (data or {}).get("stages", {}).get(stage)
-    if entry is None:
-        return None
-    return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+    return hashlib.md5(json.dumps(found, sort_keys=True).encode()).hexdigest()
 
 
 def tag_lock_hash(root: Path, tracking_uri: str | None, experiment: str, parent_run_id: str, stage: str,
