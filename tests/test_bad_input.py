@@ -418,3 +418,35 @@ def test_an_output_directory_symlinked_outside_the_project_is_refused(project, t
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("error: data/eval/base/") and f"resolves to {outside}" in lines[0]
     assert after == before and list(outside.iterdir()) == []
+
+
+MOUNTS = {  # how to make a directory the process cannot write into, and what the error then says
+    "immutable": (["chattr", "+i"], ["chattr", "-i"], "operation not permitted"),
+    "read-only-mount": (["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"], ["umount"], "the file system is read-only"),
+    "full-disk": (["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs"], ["umount"], "no space left on the device"),
+}
+
+
+@pytest.mark.parametrize("how", list(MOUNTS))
+def test_an_output_directory_that_cannot_be_written_gives_one_line_exit_2(project, tmp_path, how):
+    """A directory the process may not write: immutable (`chattr +i`), on a file system mounted
+    read-only, or on a full one (16 KiB, the output ~100 KiB). Made as root (tests run as root here,
+    which file modes do not stop); skipped where the machine does not let this process make one."""
+    root, env = project
+    (tmp_path / "in.jsonl").write_text("".join(ROW + "\n" for _ in range(200)))
+    out = tmp_path / "locked"
+    out.mkdir()
+    make, undo, expect = MOUNTS[how]
+    made = subprocess.run([*make, str(out)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make such a directory here: {made.stderr.decode().strip()}")
+    try:
+        proc = subprocess.run(["closedloop", "verify", str(tmp_path / "in.jsonl"), "-o", str(out / "out.jsonl")],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        left = sorted(p.name for p in out.iterdir())
+    finally:
+        subprocess.run([*undo, str(out)], check=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: {out}") and expect in lines[0], lines[0]
+    assert left == []  # no partial output, no temporary
