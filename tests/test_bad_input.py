@@ -127,6 +127,10 @@ CASES = [
     # a path param naming something that is not a file or a directory: reading it would block forever
     Case("params-path-is-a-fifo", PARAMS, ["params.yaml", "evaluate.prompts", "a FIFO"],
          params={"evaluate": {"prompts": "{tmp}/fifo"}}, edit=lambda root, tmp: os.mkfifo(tmp / "fifo")),
+    # the flow refuses it before `dvc status`, which would hang reading the FIFO (DVC hashes its deps)
+    Case("params-path-is-a-fifo-flow", [sys.executable, "flows/pipeline.py", "--target", "eval@base"],
+         ["params.yaml", "evaluate.prompts", "a FIFO"],
+         params={"evaluate": {"prompts": "{tmp}/fifo"}}, edit=lambda root, tmp: os.mkfifo(tmp / "fifo")),
     Case("params-path-is-a-device", PARAMS, ["params.yaml", "evaluate.claims", "/dev/zero", "a device"],
          params={"evaluate": {"claims": "/dev/zero"}}),
     Case("params-rft-verifier-args", PARAMS, ["params.yaml", "rft.verifier_args", "'lenient'"],
