@@ -112,6 +112,17 @@ def test_status_shows_done_cached_running_and_pending(tmp_path):
     assert 30 + 20 <= st["left_seconds"] + 1 and st["left_seconds"] <= 30 + 31  # d's 30 s + c's remaining ~30 s
     text = format_status(st)
     assert "3/8 batches" in text and "time left" in text and "pending" in text
+    assert "~30 s (last time)" in text  # d: from an earlier run's ledger
+    # an evaluation pending beside its finished sibling: estimated from the sibling's time in this
+    # run, not from its own last time under other params (eval@base at 12 tokens vs 1280)
+    (state.dir / "plan.json").write_text(json.dumps(["eval@rft", "eval@base", "d"]))
+    state.ledger.write_text(json.dumps({"m1": {"stage": "eval@base", "seconds": 170.0}}))
+    _events(state, {"event": "end", "stage": "eval@rft", "ok": True, "seconds": 2784.0, "time": now - 5, "attempt": "1"})
+    rows = {r["stage"]: r for r in state.status()["rows"]}
+    assert (rows["eval@base"]["estimate"], rows["eval@base"]["estimate_from"]) == (2784.0, "a sibling in this run")
+    assert rows["d"]["estimate"] is None  # nothing recorded for it any more
+    assert "~46.4 min (a sibling in this run)" in format_status(state.status())
+    (state.dir / "plan.json").write_text(json.dumps(["a", "b", "c", "d"]))
     # the runner gone without an end record: the attempt was killed
     with open(state.dir / "attempts.jsonl", "w") as f:
         f.write(json.dumps({"attempt": 1, "event": "start", "time": now - 60,

@@ -241,17 +241,24 @@ class RunState:
         log = self.attempt_log.read_text(encoding="utf-8", errors="replace") if self.attempt_log.is_file() else ""
         restored = set(re.findall(r"Stage '([^']+)' (?:is cached|didn't change)", log))
         last: dict[str, float] = {v["stage"]: v["seconds"] for v in self.recorded_seconds().values()}
+        this_run: dict[str, float] = {}  # measured under this run's params, which an earlier run's may not share
         now_events: dict[str, dict] = {}
         for e in self.events():
             if e.get("event") == "end" and e.get("ok"):
-                last[e["stage"]] = e["seconds"]
+                this_run[e["stage"]] = e["seconds"]
             if str(e.get("attempt")) == str(self.attempt):
                 now_events[e["stage"]] = e  # its newest event this attempt
         progress, now = self.progress(), time.time()
         rows, left = [], 0.0
         for stage in self.plan():
-            e, estimate = now_events.get(stage), last.get(stage)
-            row: dict[str, Any] = {"stage": stage, "estimate": estimate}
+            e = now_events.get(stage)
+            # the stage's own time in this run; else a foreach sibling's in this run (eval@rft for
+            # eval@base: the same work on another model); else the stage's time in an earlier run
+            siblings = [t for s, t in this_run.items() if "@" in stage and s.split("@")[0] == stage.split("@")[0]]
+            estimate, source = ((this_run[stage], "this run") if stage in this_run
+                                else (max(siblings), "a sibling in this run") if siblings
+                                else (last[stage], "last time") if stage in last else (None, None))
+            row: dict[str, Any] = {"stage": stage, "estimate": estimate, "estimate_from": source}
             if e and e["event"] == "end":
                 row.update(state="done" if e["ok"] else "failed", seconds=e["seconds"])
             elif stage in restored:
@@ -285,7 +292,7 @@ def format_status(st: dict[str, Any]) -> str:
         if r.get("progress"):
             extra = describe(r["progress"])
         elif r["state"] in ("pending", "running") and r["estimate"] is not None:
-            extra = f"~{secs(r['estimate'])} last time"
+            extra = f"~{secs(r['estimate'])} ({r['estimate_from']})"
         lines.append(f"{r['stage']:<{width}} {r['state']:<8} {secs(r['seconds']):>9}  {extra}".rstrip())
     if st["state"] == "running":
         pending = [r for r in st["rows"] if r["state"] == "pending"]
