@@ -52,7 +52,7 @@ def test_view_reads_only_declared_params_and_records_them(params):
 
 
 def test_every_dvc_stage_dispatches_to_a_function(graph):
-    upstream, methods = graph.upstream, graph.methods
+    upstream = graph.upstream
     for stage in upstream:
         fn, key = get_stage(stage)
         assert callable(fn)
