@@ -56,7 +56,9 @@ def test_make_leaves_the_switch_to_hf_hub_offline():
                               env=env, capture_output=True, text=True, check=True)
         return proc.stdout.strip().split(",")
 
-    base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    # (not this run's make: its command-line variables reach a child make through MAKEFLAGS)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     assert exported(base) == ["1", "unset"]  # offline by default (entry points set the rest)
     assert exported(base | {"HF_HUB_OFFLINE": "0"}) == ["0", "unset"]
 

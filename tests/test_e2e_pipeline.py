@@ -95,7 +95,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
         assert row in first.stdout
     assert "Δ " in first.stdout  # with paired differences against the base
     # and held-out prompts with the base's and each method's answers side by side
-    samples = first.stdout.split("### instruction_following: samples")[1].split("###")[0]
+    samples = first.stdout.split("### instruction_following: samples")[1].split("\n### ")[0]
     assert "| base | " in samples and "| rft | " in samples and "| spar-it1 | " in samples
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     parents, children = pipeline_runs(root)

@@ -234,6 +234,8 @@ def test_the_report_shows_prompts_where_the_models_differ_with_each_answer_side_
     assert text.index("| base | 0/1 | base 1 |") < text.index("| tuned | 1/1 | tuned 1 |")
     assert "claims" not in text
     assert samples_markdown("s", {"base": _records([1])}, "base", "acc") == ""  # no answers: no section
+    records["base"][0]["prompt"] = "Title it <<joy & sorrow>>.\r\nThen"  # IFEval's titles are in double angular brackets
+    assert "**0**: Title it &lt;&lt;joy &amp; sorrow&gt;&gt;.<br>Then" in samples_markdown("s", records, "base", "acc")
     # a long answer: cut, its length said, its pipes and newlines kept inside the table's one row
     row = next(line for line in text.splitlines() if line.startswith("| tuned | 1/1 | x"))
     assert row.endswith(f"… ({len(long)} characters) |") and "x\\|y<br>x" in row

@@ -173,6 +173,8 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left",
               device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids, attention mask), each (rows, longest), padded on `side`: left for a
     causal LM that continues each row (its last tokens line up), right for one read at the start."""
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_batch: side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -200,7 +202,8 @@ def eval_mode(*models: Any) -> Iterator[None]:
 def logits_to_keep(model: Any, n: int) -> dict[str, int]:
     """`{"logits_to_keep": n}` for a forward that takes it (transformers' causal LMs then compute the
     vocabulary logits of the last n positions only), `{}` for one that does not. A PEFT model is
-    asked about its base model, to which it passes its keyword arguments."""
+    asked about its base model, to which it passes its keyword arguments (the LM head's matmul
+    then has another shape, which on a GPU can move the kept logits' last bits)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 

@@ -135,7 +135,9 @@ def samples_markdown(suite: str, records: dict[str, list[dict]], reference: str,
 
     def cell(text: str) -> str:
         cut = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + f" … ({len(text)} characters)"
-        return cut.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+        # HTML, as markdown tables render it: IFEval asks for titles in <<double angular brackets>>
+        cut = cut.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+        return cut.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>") or "(empty)"
 
     lines = [f"### {suite}: samples ({metric} per answer; answers cut to {SAMPLE_CHARS} characters here)"]
     for key in shown:
