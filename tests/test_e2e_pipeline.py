@@ -138,6 +138,9 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert "### reward_accuracy" in first.stdout
     grpo = client.get_metric_history(by_stage["spct_grpo"].info.run_id, "reward")
     assert [m.step for m in grpo] == [1, 2] and all(-1.0 <= m.value <= 1.0 for m in grpo)
+    differing = client.get_metric_history(by_stage["spct_grpo"].info.run_id, "groups_differing")
+    assert [m.step for m in differing] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in differing)
+    assert 0.0 <= by_stage["spct_grpo"].data.metrics["groups_differing"] <= 1.0
     spct_eval = by_stage["spct_eval"].data.metrics
     assert {"accuracy/grm-vote4", "accuracy/scalar-rm", "parse_failure_rate/grm", "best_of_2/reward_model",
             "best_of_2/generative_rm", "best_of_2/ifeval_rules"} <= set(spct_eval)

@@ -161,11 +161,13 @@ def run_grpo(params: Any, root: Path, key: str | None) -> None:
                              seed=params.seed, dtype=params.model.dtype)
     history = metrics.pop("history")
     for h in history:
-        mlflow.log_metrics({"reward": h["reward"], "kl": h["kl"], "completion_length": h["completion_length"]},
-                           step=h["step"])
+        mlflow.log_metrics({"reward": h["reward"], "kl": h["kl"], "completion_length": h["completion_length"],
+                            "groups_differing": h["groups_differing"]}, step=h["step"])
     write_json(root / DATA / "grpo_steps.json", history)
     metrics |= {"final_reward": history[-1]["reward"] if history else 0.0,
-                "first_reward": history[0]["reward"] if history else 0.0}
+                "first_reward": history[0]["reward"] if history else 0.0,
+                # the share of prompt groups GRPO could learn from (0: every advantage was 0)
+                "groups_differing": sum(h["groups_differing"] for h in history) / len(history) if history else 0.0}
     log_training(metrics, root / DATA / "grpo_metrics.json")
 
 
