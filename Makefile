@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 
 # Offline, no telemetry (unless already set in the environment). One variable per export:
 # `export A=1 B=2` exports only A, with the value "1 B=2".
+# HF_HUB_OFFLINE=0 is the one switch to the hub: every entry point then defaults datasets' and
+# transformers' own switches to online too (closedloop.env), so they are not set here.
 export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true

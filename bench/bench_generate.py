@@ -21,7 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory only; never re
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from closedloop.generate import HFBackend, SamplingParams, make_backend, render_prompt
+from closedloop.backends import make_backend
+from closedloop.generate import SamplingParams, render_prompt
+from closedloop.hf_backend import HFBackend
 
 TOPICS = ["prime numbers", "the water cycle", "a haiku about autumn", "binary search", "photosynthesis",
           "the French revolution", "how vaccines work", "a limerick about a cat", "recursion", "black holes",

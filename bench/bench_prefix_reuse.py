@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory only; never re
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from closedloop.generate import HFBackend, SamplingParams
+from closedloop.generate import SamplingParams
+from closedloop.hf_backend import HFBackend
 
 INSTRUCTIONS = [
     "Write a short product description for a reusable water bottle. Use exactly three bullet points and "

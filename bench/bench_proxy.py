@@ -86,7 +86,8 @@ def layer_nll(base_dir: Path, counts: list[int], n: int) -> None:
 
 
 def main() -> None:
-    from closedloop.generate import SamplingParams, make_backend
+    from closedloop.backends import make_backend
+    from closedloop.generate import SamplingParams
     from closedloop.io import read_jsonl
     from closedloop.models import load_model
 

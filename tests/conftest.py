@@ -123,7 +123,7 @@ def stage_server(request, tmp_path_factory) -> StageServer | None:
     """One stage server per test process that runs end-to-end tests, which every stage the tests
     start is sent to (closedloop.stage_server): it saves each stage process 6-8 s of imports.
     Stages run in their own process until it listens, and wherever a test takes the variable out
-    of their environment (the tests of a user's plain `dvc repro`: test_kill_resume, test_e2e_sweep)."""
+    of their environment (a user's plain `dvc repro`: test_kill_resume; the flow's own server: test_e2e_plugin)."""
     if not any(item.get_closest_marker("e2e") for item in request.session.items):
         yield None  # unit tests run no stage
         return

@@ -44,3 +44,21 @@ def test_hf_hub_offline_0_is_the_one_switch_for_models_and_datasets(monkeypatch)
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # a value the user chose is kept
     set_offline_defaults()
     assert [os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")] == ["0", "0", "1"]
+
+
+def test_make_leaves_the_switch_to_hf_hub_offline():
+    """`HF_HUB_OFFLINE=0 make demo`: make must not pin datasets' own switch offline on the way."""
+    import os
+
+    def exported(env: dict[str, str]) -> list[str]:
+        show = "show: ; @echo \"$$HF_HUB_OFFLINE,$${HF_DATASETS_OFFLINE-unset}\""
+        proc = subprocess.run(["make", "-s", "--eval", show, "show"], cwd=Path(__file__).resolve().parents[1],
+                              env=env, capture_output=True, text=True, check=True)
+        return proc.stdout.strip().split(",")
+
+    # (not this run's make: its command-line variables reach a child make through MAKEFLAGS)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    assert exported(base) == ["1", "unset"]  # offline by default (entry points set the rest)
+    assert exported(base | {"HF_HUB_OFFLINE": "0"}) == ["0", "unset"]
+

@@ -94,6 +94,9 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     for row in ("| base |", "| rft |", "| spar-it1 |", "| dct |", "| rlhf |", "| proxy-expert |", "| proxy-a1 |"):
         assert row in first.stdout
     assert "Δ " in first.stdout  # with paired differences against the base
+    # and held-out prompts with the base's and each method's answers side by side
+    samples = first.stdout.split("### instruction_following: samples")[1].split("\n### ")[0]
+    assert "| base | " in samples and "| rft | " in samples and "| spar-it1 | " in samples
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     parents, children = pipeline_runs(root)
     assert len(parents) == 1
@@ -135,6 +138,9 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert "### reward_accuracy" in first.stdout
     grpo = client.get_metric_history(by_stage["spct_grpo"].info.run_id, "reward")
     assert [m.step for m in grpo] == [1, 2] and all(-1.0 <= m.value <= 1.0 for m in grpo)
+    differing = client.get_metric_history(by_stage["spct_grpo"].info.run_id, "groups_differing")
+    assert [m.step for m in differing] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in differing)
+    assert 0.0 <= by_stage["spct_grpo"].data.metrics["groups_differing"] <= 1.0
     spct_eval = by_stage["spct_eval"].data.metrics
     assert {"accuracy/grm-vote4", "accuracy/scalar-rm", "parse_failure_rate/grm", "best_of_2/reward_model",
             "best_of_2/generative_rm", "best_of_2/ifeval_rules"} <= set(spct_eval)

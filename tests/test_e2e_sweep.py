@@ -42,7 +42,8 @@ def swept(tmp_path_factory, tiny_model_dir):
                    env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                         "GIT_COMMITTER_EMAIL": "t@t", "PATH": project_env(root, root)["PATH"]})
     env = project_env(root, tmp_path_factory.mktemp("prefect_unused"))
-    env.pop("CLOSEDLOOP_STAGE_SERVER")  # a user's plain `dvc exp run`: each stage a process of its own
+    # The stages fork from the tests' stage server, as docs/usage.md sets one up for `dvc exp run`
+    # (11 stage processes here; each on its own spends 6-8 s on imports: test_kill_resume runs that path)
     dvc(root, env, "exp", "run", "-n", "lr3", "-S", f"{SWEPT}=0.0003", "eval@rft")
     # a grid of 2 experiments, as docs/usage.md sweeps SFT: sampling comes from DVC's run cache
     dvc(root, env, "exp", "run", "--queue", "-S", f"{SWEPT}=0.0001,0.0002", "eval@rft")

@@ -13,8 +13,9 @@ import torch
 
 from closedloop.engine import EngineBackend, sample_next
 from closedloop.errors import UserError
-from closedloop.generate import (DEFAULT_BACKEND, HFBackend, SamplingParams, encode_prompt, make_backend,
-                                 render_prompt)
+from closedloop.backends import DEFAULT_BACKEND, make_backend
+from closedloop.generate import SamplingParams, encode_prompt, render_prompt
+from closedloop.hf_backend import HFBackend
 
 from tiny_model import bias_lm_head, make_tiny_model_and_tokenizer
 

@@ -9,8 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from closedloop.backends import make_backend
 from closedloop.errors import UserError
-from closedloop.generate import HFBackend, SamplingParams, make_backend, render_prompt, stop_token_ids
+from closedloop.generate import SamplingParams, render_prompt, stop_token_ids
+from closedloop.hf_backend import HFBackend
 
 from tiny_model import bias_lm_head, make_tiny_model_and_tokenizer
 
@@ -165,3 +167,19 @@ def test_invalid_params():
         SamplingParams(top_p=0)
     with pytest.raises(UserError, match="n must"):
         SamplingParams(n=0)
+
+
+def test_the_shared_helpers_pad_restore_modes_and_derive_seeds():
+    from closedloop.generate import derived_seed, eval_mode, pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    training, frozen = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1).eval()
+    with pytest.raises(RuntimeError), eval_mode(training, frozen):
+        assert not training.training and not frozen.training
+        raise RuntimeError("a failure inside the block")
+    assert training.training and not frozen.training  # each back in its own mode, after an error too
+    # the values every sampling stage has drawn with (changing them would change every output)
+    assert [derived_seed(0, 3), derived_seed(2, 5)] == [3, 2_000_011]

@@ -52,7 +52,7 @@ def test_view_reads_only_declared_params_and_records_them(params):
 
 
 def test_every_dvc_stage_dispatches_to_a_function(graph):
-    upstream, methods = graph.upstream, graph.methods
+    upstream = graph.upstream
     for stage in upstream:
         fn, key = get_stage(stage)
         assert callable(fn)
@@ -216,6 +216,29 @@ def test_compare_table_rows_diffs_and_breakdown():
     assert "| tuned | 4 | 75.0 [" in table and "Δ +25.0 [" in table
     with pytest.raises(UserError, match="different examples"):
         compare_suite({"base": _records([1, 0]), "x": _records([1])}, ("acc",), "base", 10, 0)
+
+
+def test_the_report_shows_prompts_where_the_models_differ_with_each_answer_side_by_side():
+    from closedloop.evaluate.compare import SAMPLE_CHARS, samples_markdown
+
+    def answered(flags: list[int], word: str) -> list[dict]:
+        return [{**r, "prompt": f"prompt {r['key']}", "response": f"{word} {r['key']}"} for r in _records(flags)]
+
+    long = "x|y\n" * SAMPLE_CHARS
+    records = {"tuned": answered([1, 1, 0, 1, 1], "tuned"), "base": answered([1, 0, 0, 0, 1], "base"),
+               "claims": _records([1, 0, 1, 0, 1])}  # a model without answers is left out
+    records["tuned"][3]["response"] = long
+    text = samples_markdown("s", records, "base", "acc")
+    assert [line.split("**")[1] for line in text.splitlines() if line.startswith("**")] == ["1", "3", "0"]
+    assert "| base | 0/1 | base 1 |" in text and "| tuned | 1/1 | tuned 1 |" in text  # the reference first
+    assert text.index("| base | 0/1 | base 1 |") < text.index("| tuned | 1/1 | tuned 1 |")
+    assert "claims" not in text
+    assert samples_markdown("s", {"base": _records([1])}, "base", "acc") == ""  # no answers: no section
+    records["base"][0]["prompt"] = "Title it <<joy & sorrow>>.\r\nThen"  # IFEval's titles are in double angular brackets
+    assert "**0**: Title it &lt;&lt;joy &amp; sorrow&gt;&gt;.<br>Then" in samples_markdown("s", records, "base", "acc")
+    # a long answer: cut, its length said, its pipes and newlines kept inside the table's one row
+    row = next(line for line in text.splitlines() if line.startswith("| tuned | 1/1 | x"))
+    assert row.endswith(f"… ({len(long)} characters) |") and "x\\|y<br>x" in row
 
 
 def test_secret_named_params_are_never_logged_but_token_counts_are():

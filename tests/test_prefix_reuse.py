@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from closedloop.generate import HFBackend, SamplingParams
+from closedloop.generate import SamplingParams, pad_batch
+from closedloop.hf_backend import HFBackend
 
 from tiny_model import make_tiny_model_and_tokenizer
 
@@ -51,7 +52,7 @@ def test_first_token_logits_match(tiny):
     shared, plain = _backend(tiny, True), _backend(tiny, False)
     encoded = [shared._encode(p) for p in PROMPTS]
     assert len({len(e) for e in encoded}) > 2  # really left-padded
-    ids, mask = shared._left_pad(encoded)
+    ids, mask = pad_batch(encoded, shared.pad_id)
     kw = shared._generate_kwargs(SamplingParams(n=3, temperature=1.0, top_p=1.0, max_new_tokens=2), 3)
     extra = dict(output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():

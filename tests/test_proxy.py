@@ -13,7 +13,8 @@ import torch
 
 from closedloop.engine.proxy import check_vocabularies, proxy_backend, proxy_combine
 from closedloop.errors import UserError
-from closedloop.generate import SamplingParams, encode_prompt, make_backend, raw_prompt
+from closedloop.backends import make_backend
+from closedloop.generate import SamplingParams, encode_prompt, raw_prompt
 from tiny_model import make_tiny_model_and_tokenizer
 
 PROMPTS = ["the quick brown fox", [{"role": "user", "content": "what is two plus two ?"}],

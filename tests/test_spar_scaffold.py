@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from closedloop.generate import make_backend
+from closedloop.backends import make_backend
 from closedloop.label_scoring import score_labels
 from closedloop.methods.spar import ScaffoldedRefiner, SeededGenerator
 from closedloop.verifiers.judge import judge_messages, parse_refinement, refine_messages

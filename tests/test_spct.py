@@ -137,7 +137,7 @@ def test_engine_reads_the_box_as_a_second_prefill_does(tiny):
     forced header, speculative "1" dropped again); on the HF backend the answer is re-encoded and
     read by box_distributions. Greedy, so both write the same text: the distributions must agree."""
     from closedloop.engine import EngineBackend
-    from closedloop.generate import HFBackend
+    from closedloop.hf_backend import HFBackend
 
     model, tok = tiny
     examples = [{"prompt": "two plus two", "responses": ["it is four", "red", "blue"], "best": 0, "score": None},

@@ -5,7 +5,6 @@ stage of its own process writes, exits as it would, and dies with its caller."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import signal
 import subprocess

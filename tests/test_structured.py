@@ -11,7 +11,8 @@ import torch
 
 from closedloop.engine import EngineBackend
 from closedloop.errors import UserError
-from closedloop.generate import HFBackend, SamplingParams, render_prompt
+from closedloop.generate import SamplingParams, render_prompt
+from closedloop.hf_backend import HFBackend
 from closedloop.structured import Segment, continue_prompt, generate_scaffold
 
 from tiny_model import make_tiny_model_and_tokenizer

@@ -608,3 +608,19 @@ def marked_params(params: Params, mark: str) -> dict[str, str]:
     for name, cfg in params.methods.items():
         walk(cfg, name + ".")
     return out
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """params.yaml's data with each dotted key set (sections created as needed), as `-S ++key=value` does."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out

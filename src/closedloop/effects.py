@@ -129,22 +129,6 @@ def load_spec(root: Path, name: str, extra: dict[str, Any] | None = None) -> Eff
                       {**data["params"], **(extra or {})}, list(data["rows"]), seeds)
 
 
-def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """params.yaml's data with each dotted key set (sections created as needed), as `-S ++key=value` does."""
-    import copy
-
-    out = copy.deepcopy(data)
-    for key, value in overrides.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return out
-
-
 def set_param_args(overrides: dict[str, Any]) -> list[str]:
     """`dvc exp run` arguments for the overrides: `++key=value` adds or overrides (Hydra's grammar);
     values as JSON, which that grammar reads (lists, strings, numbers, null)."""
@@ -159,7 +143,7 @@ def set_param_args(overrides: dict[str, Any]) -> list[str]:
 
 def validate(root: Path, spec: EffectSpec) -> Any:
     """The params the experiment will run with, validated as params.yaml is: bad input stops here."""
-    from closedloop.config import load_params, read_yaml
+    from closedloop.config import apply_overrides, load_params, read_yaml
 
     merged = apply_overrides(read_yaml(root / "params.yaml") or {}, spec.params)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,13 +19,12 @@ on the prompt cache repeated per label (transformers' DynamicCache.batch_repeat_
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
 
 from closedloop.errors import UserError
-from closedloop.generate import Prompt, encode_prompt
+from closedloop.generate import Prompt, encode_prompt, eval_mode, logits_to_keep, pad_batch
 
 
 def _label_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
@@ -60,20 +59,12 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], labels
         feed[j, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
         target[j, : len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
         valid[j, : len(ids) - 1] = 1
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    was_training = model.training
-    model.eval()
+    keep = logits_to_keep(model, 1)
     out: list[list[float]] = []
-    try:
+    with eval_mode(model):
         for b in range(0, len(encoded), batch_size):
             chunk = encoded[b : b + batch_size]
-            width = max(len(e) for e in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(chunk):
-                ids[r, width - len(e) :] = torch.tensor(e)
-                mask[r, width - len(e) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = pad_batch(chunk, pad, device=device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=tail > 0, **keep)
             lp = torch.log_softmax(res.logits[:, -1].float(), -1)[:, first]  # (prompts, labels)
@@ -89,8 +80,6 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], labels
                 tok_lp = torch.where(valid.repeat(len(chunk), 1).bool(), tok_lp, 0.0)
                 lp = lp + tok_lp.sum(-1).view(len(chunk), n_lab)
             out.extend(lp.tolist())
-    finally:
-        model.train(was_training)
     return out
 
 

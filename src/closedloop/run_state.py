@@ -152,8 +152,7 @@ class RunState:
     # ---- an attempt ----
     def start_attempt(self, root: Path, spec: Any) -> list[str]:
         """A new attempt: the plan written, the attempt recorded; returns the plan."""
-        from closedloop.config import read_yaml
-        from closedloop.effects import apply_overrides
+        from closedloop.config import apply_overrides, read_yaml
 
         plan = plan_stages(root, apply_overrides(read_yaml(root / "params.yaml") or {}, spec.params), spec.targets)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -294,6 +294,7 @@ def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str],
     """In the forked process: take on the caller's process state, run its command, exit as a
     Python process does (atexit handlers, flushed streams, the exit status or the signal)."""
     import random
+    import runpy
     import traceback
 
     for target, fd in enumerate(fds):
@@ -325,9 +326,9 @@ def _become_stage(request: dict, fds: list[int], set_by_imports: dict[str, str],
         sys.modules["torch"].seed()
     code: int = 0
     try:
-        from closedloop.cli import main
-
-        code = main(request["argv"][1:])
+        # as `python -m closedloop ARGS` would (its __main__ exits with the command's status); by
+        # name, since this module is what the command line's own module imports to get here
+        runpy.run_module("closedloop", run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):

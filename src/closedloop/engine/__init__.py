@@ -1,6 +1,6 @@
 """The fast generation engine: continuous batching, shared prefills, exact prefiltered top-p, multi-model decoding.
 
-`EngineBackend` is the "engine" backend of `closedloop.generate.make_backend` (see backend.py).
+`EngineBackend` is the "engine" backend of `closedloop.backends.make_backend` (see backend.py).
 """
 
 from closedloop.engine.backend import Combine, EngineBackend

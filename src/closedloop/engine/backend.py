@@ -40,7 +40,6 @@ refused with a UserError: use the "hf" backend for them.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -54,8 +53,9 @@ from closedloop import progress
 from closedloop.engine.kv import SlotCache, Window, is_plain_dynamic
 from closedloop.engine.sampling import sample_next
 from closedloop.errors import UserError
-from closedloop.generate import (Completion, Prompt, SamplingParams, check_fits_context, encode_prompt, first_stop,
-                                 make_completion, raw_prompt, stop_token_ids)
+from closedloop.generate import (Completion, Prompt, SamplingParams, check_prompts, encode_prompt, eval_mode,
+                                 first_stop, logits_to_keep, make_completion, pad_batch, raw_prompt, stop_token_ids)
+from closedloop.structured import ScaffoldOutput, continue_prompt
 
 # combine(per-model float32 logits, each (rows, vocab), each row's prompt index in the caller's list)
 # -> (rows, vocab) float32 logits to sample from.
@@ -92,16 +92,6 @@ class _Phase:
     max_new_tokens: int
     stop: tuple[str, ...]  # the next segment's header is one of them
     join: str = ""  # text written after this phase's text, before the next phase: separator + next header
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 class EngineBackend:
@@ -144,7 +134,7 @@ class EngineBackend:
         self.stop_ids = stop_token_ids(self.model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
-        self._keep_logits = ["logits_to_keep" in inspect.signature(m.forward).parameters for m in self.models]
+        self._keep_logits = [logits_to_keep(m, 1) for m in self.models]
         # Cumulative over all calls; the first seven keys mean what they mean for HFBackend.
         self.stats: dict[str, float] = {
             "prompt_tokens": 0,  # real prompt tokens, once per sequence
@@ -184,8 +174,6 @@ class EngineBackend:
         one), then feed `tokens` (at least one); or None when it has read all it needs. The reader
         comes back as ScaffoldOutput.read: label scoring on the generation's own KV cache.
         """
-        from closedloop.structured import ScaffoldOutput, continue_prompt
-
         tail = [*segments[1:], None]
         phases = [_Phase(seg.max_new_tokens, tuple(seg.stop) + ((nxt.header,) if nxt else ()),
                          separator + (nxt.header if nxt else read[0]) if (nxt or read) else "")
@@ -212,24 +200,17 @@ class EngineBackend:
         views = [cache.setdefault(t, [encode_prompt(self.tokenizer, p if t else raw_prompt(p)) for p in prompts])
                  for t in self.templates]
         encoded = list(zip(*views))
-        if empty := [i for i, e in enumerate(encoded) if not all(e)]:
-            raise UserError(f"generation: prompts {empty[:5]} are empty after tokenization")
         # The sampled tokens' budget; a scaffold's forced headers and a reader's tokens add a few more.
         new_tokens = sum(ph.max_new_tokens for ph in phases) if phases else params.max_new_tokens
         for model, view in zip(self.models, views):
-            check_fits_context(model, [len(ids) for ids in view], new_tokens)
+            check_prompts(model, view, new_tokens)
         copies = 1 if params.temperature == 0 else params.n
-        training = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with eval_mode(*self.models), torch.inference_mode():
                 done = _Run(self, encoded, params, copies, phases, make_reader).run()
         finally:
             self.stats["seconds"] += time.perf_counter() - start
-            for m, t in zip(self.models, training):
-                m.train(t)
         out: list[list[_Seq]] = []
         for i, e in enumerate(encoded):
             seqs = [done[(i, k)] for k in range(copies)]
@@ -411,10 +392,9 @@ class _Run:
         firsts = [take[src.index(r)] for r in range(len(rows_of))]
         logits, prefills, pmasks = [], [], []
         for m, (model, keep) in enumerate(zip(eng.models, eng._keep_logits)):
-            ids, pmask = left_pad([s.views[m] for s in firsts], eng.pad_id, self.device)
+            ids, pmask = pad_batch([s.views[m] for s in firsts], eng.pad_id, device=self.device)
             positions = (pmask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=pmask, position_ids=positions, use_cache=True,
-                        **({"logits_to_keep": 1} if keep else {}))
+            out = model(input_ids=ids, attention_mask=pmask, position_ids=positions, use_cache=True, **keep)
             eng.stats["prefill_tokens"] += ids.numel()
             pmasks.append(pmask)
             if not is_plain_dynamic(out.past_key_values):

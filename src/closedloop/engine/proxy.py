@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from closedloop.engine.backend import EngineBackend
 from closedloop.errors import UserError
 
 
@@ -75,8 +76,6 @@ def proxy_backend(models: Sequence[Any], tokenizer: Any, alphas: Sequence[float]
                   per_prompt: Sequence[Sequence[float]] | None = None, **kw: Any):
     """The engine over [base, expert, anti_expert, ...] with the proxy combination (`per_prompt`:
     see proxy_combine)."""
-    from closedloop.engine.backend import EngineBackend
-
     if len(models) != 1 + 2 * len(alphas):
         raise UserError(f"proxy: expected a base and an (expert, anti-expert) pair per alpha, got {len(models)} "
                         f"models for {len(alphas)} alpha(s)")

@@ -4,7 +4,8 @@ For each model: each metric with its bootstrap 95% interval, and the **paired** 
 difference from the reference over the same examples; plus the per-group (e.g. per instruction
 id) accuracy, and the share of answers cut at the token limit (records with `finish_reason`).
 Examples that share a seed task (records with `seed_id`, as the synthetic suite writes them) are
-resampled by seed task: a cluster bootstrap. Rendered as markdown, JSON, DVC plot rows and a PNG.
+resampled by seed task: a cluster bootstrap. Rendered as markdown, JSON, DVC plot rows and a PNG;
+the markdown also shows a few held-out prompts with every model's answer side by side.
 """
 
 from __future__ import annotations
@@ -105,6 +106,47 @@ def markdown(suite: str, result: dict[str, Any], breakdown_label: str) -> str:
                   f"| {breakdown_label} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for group, accs in result["breakdown"].items():
             lines.append(f"| {group} | " + " | ".join(_pct(accs[n]) if n in accs else "-" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SAMPLES, SAMPLE_CHARS = 3, 600  # prompts shown side by side; an answer is cut to this many characters
+
+
+def samples_markdown(suite: str, records: dict[str, list[dict]], reference: str, metric: str) -> str:
+    """A few held-out prompts with every model's answer side by side (the reference first) and its
+    `metric` score: what a table of rates cannot show. The first SAMPLES keys, in the reference's
+    order, that every model answered, those on which the models' scores differ first. Models whose
+    records hold no prompt and response are left out; "" when the reference's hold none (fact
+    verification scores claims)."""
+    def answered(rows: list[dict]) -> bool:
+        return bool(rows) and all("prompt" in r and "response" in r for r in rows)
+
+    if not answered(records.get(reference, [])):
+        return ""
+    names = [reference, *(n for n in records if n != reference and answered(records[n]))]
+    by_key = {n: {str(r["key"]): r for r in records[n]} for n in names}
+    ref_rows = records[reference]
+    keys = [str(r["key"]) for r in ref_rows if all(str(r["key"]) in by_key[n] for n in names)]
+
+    def differ(key: str) -> bool:
+        return len({tuple(by_key[n][key]["scores"][metric]) for n in names}) > 1
+
+    shown = sorted(keys, key=lambda k: not differ(k))[:SAMPLES]  # stable: the reference's order within each
+
+    def cell(text: str) -> str:
+        cut = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + f" … ({len(text)} characters)"
+        # HTML, as markdown tables render it: IFEval asks for titles in <<double angular brackets>>
+        cut = cut.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+        return cut.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>") or "(empty)"
+
+    lines = [f"### {suite}: samples ({metric} per answer; answers cut to {SAMPLE_CHARS} characters here)"]
+    for key in shown:
+        lines += ["", f"**{key}**: {cell(by_key[reference][key]['prompt'])}", "", f"| model | {metric} | answer |",
+                  "|---|---|---|"]
+        for n in names:
+            r = by_key[n][key]
+            num, den = r["scores"][metric]
+            lines.append(f"| {n} | {num:g}/{den:g} | {cell(r['response'])} |")
     return "\n".join(lines) + "\n"
 
 

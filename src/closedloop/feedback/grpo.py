@@ -60,5 +60,7 @@ def train_grpo(model_dir: Path, rows: list[dict], reward_fn: Callable[..., list[
         "saved": saved,
         "history": [{"step": int(h["step"]), "reward": float(h["reward"]), "kl": float(h.get("kl", 0.0)),
                      "reward_std": float(h.get("reward_std", 0.0)),
+                     # groups whose rewards differ: the only ones with a nonzero advantage, hence a gradient
+                     "groups_differing": 1.0 - float(h.get("frac_reward_zero_std", 1.0)),
                      "completion_length": float(h.get("completions/mean_length", 0.0))} for h in steps],
     }

@@ -181,16 +181,14 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
     take position 0 and are never attended)."""
     import torch
 
+    from closedloop.generate import pad_batch
+
     if any(not r for r in response_ids):
         raise ValueError("every response needs at least one token")
-    width_p, width_r = max(map(len, prompt_ids)), max(map(len, response_ids))
-    n = len(prompt_ids)
-    ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, (q, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, width_p - len(q): width_p] = torch.tensor(q, dtype=torch.long)
-        ids[i, width_p: width_p + len(r)] = torch.tensor(r, dtype=torch.long)
-        attn[i, width_p - len(q): width_p + len(r)] = 1
+    # prompts end at one column, responses start at the next
+    (q_ids, q_mask), (r_ids, r_mask) = pad_batch(prompt_ids, pad_id), pad_batch(response_ids, pad_id, side="right")
+    ids, attn = torch.cat([q_ids, r_ids], -1), torch.cat([q_mask, r_mask], -1)
+    width_p, width_r = q_ids.shape[1], r_ids.shape[1]
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     eos_index = torch.tensor([len(r) - 1 for r in response_ids], dtype=torch.long)
     stops = set(stop_ids)
@@ -200,17 +198,12 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
                         width_p)
 
 
-def _keeps_logits(model: Any) -> bool:
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
 def response_logits(model: Any, batch: RolloutBatch):
     """The causal LM's logits predicting each response token: positions P-1 .. P+L-2, (B, L, V)."""
+    from closedloop.generate import logits_to_keep
+
     length = batch.responses.shape[1]
-    kw = {"logits_to_keep": length + 1} if _keeps_logits(model) else {}
+    kw = logits_to_keep(model, length + 1)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                    use_cache=False, **kw).logits
     return logits[:, -(length + 1): -1]
@@ -391,6 +384,7 @@ def train_ppo(policy_dir: Path, value_init_dir: Path, prompts: Sequence[Any], re
     shuffle = torch.Generator().manual_seed(seed)
     # Under `accelerate launch` each rank rolls out its own prompts and samples (data parallel);
     # gradients are averaged across ranks by the prepared module.
+    # (rank offsets, not closedloop.generate.derived_seed: rank 0 keeps the one-process run's streams)
     rank = accelerator.process_index
     batches = _prompt_batches(len(prompts), p.rollout_batch_size, seed + 1_000_003 * rank)
     history: list[dict] = []

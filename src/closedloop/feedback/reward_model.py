@@ -75,24 +75,13 @@ def reward_scores(model: Any, tok: Any, prompts: Sequence[str], responses: Seque
     """r(prompt, response) per pair: the chat rendered as in training, right-padded, the head's output."""
     import torch
 
+    from closedloop.generate import eval_mode, pad_batch
+
     ids = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": r}],
                                    tokenize=True, return_dict=True)["input_ids"] for q, r in zip(prompts, responses)]
-    pad = tok.pad_token_id
     out: list[float] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(ids), batch_size):
-                chunk = ids[b: b + batch_size]
-                width = max(len(x) for x in chunk)
-                x = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(x)
-                for i, seq in enumerate(chunk):
-                    x[i, : len(seq)] = torch.tensor(seq)
-                    mask[i, : len(seq)] = 1
-                logits = model(input_ids=x.to(model.device), attention_mask=mask.to(model.device)).logits
-                out.extend(logits[:, 0].float().tolist())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for b in range(0, len(ids), batch_size):
+            x, mask = pad_batch(ids[b: b + batch_size], tok.pad_token_id, side="right", device=model.device)
+            out.extend(model(input_ids=x, attention_mask=mask).logits[:, 0].float().tolist())
     return out

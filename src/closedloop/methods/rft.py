@@ -58,9 +58,9 @@ def sample_batch(backend: Any, batch: Sequence[dict], b: int, num_samples: int, 
                  seed: int) -> list[dict]:
     """Search: one row per (prompt, sample) of batch `b`, which has its own seed, so a run killed
     half-way and resumed gives the same rows as one that never died."""
-    from closedloop.generate import SamplingParams
+    from closedloop.generate import SamplingParams, derived_seed
 
-    params = SamplingParams(n=num_samples, seed=seed * 1_000_003 + b, **sampling)
+    params = SamplingParams(n=num_samples, seed=derived_seed(seed, b), **sampling)
     outs = backend.generate([[{"role": "user", "content": r["prompt"]}] for r in batch], params)
     return [{**row, "sample_idx": i, "response": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason}
             for row, completions in zip(batch, outs) for i, c in enumerate(completions)]

@@ -30,7 +30,7 @@ from closedloop.methods.spar_data import (
 )
 from closedloop.search.tree import TreeParams, tree_search_many
 from closedloop.verifiers.ifeval_rules import check
-from closedloop.verifiers.judge import as_verdict, from_verdict, judge_messages, parse_refinement, rule_judgment
+from closedloop.verifiers.judge import as_verdict, from_verdict, parse_refinement, rule_judgment
 
 
 @dataclass
@@ -168,11 +168,11 @@ class SeededGenerator:
         self.calls = itertools.count()
 
     def __call__(self, chats: list[list[dict]], n: int) -> list[list[str]]:
-        from closedloop.generate import SamplingParams
+        from closedloop.generate import SamplingParams, derived_seed
 
         if not chats:
             return []
-        params = SamplingParams(n=n, seed=self.seed * 1_000_003 + next(self.calls), **self.sampling)
+        params = SamplingParams(n=n, seed=derived_seed(self.seed, next(self.calls)), **self.sampling)
         return [[c.text for c in comps] for comps in self.backend.generate(chats, params)]
 
 
@@ -190,13 +190,13 @@ class ScaffoldedRefiner:
         self.calls = itertools.count()
 
     def __call__(self, chats: list[list[dict]], n: int) -> list[list[str]]:
-        from closedloop.generate import SamplingParams
+        from closedloop.generate import SamplingParams, derived_seed
         from closedloop.structured import generate_scaffold
         from closedloop.verifiers.judge import format_refinement
 
         if not chats:
             return []
-        params = SamplingParams(n=n, seed=self.seed * 1_000_003 + next(self.calls), max_new_tokens=1, **self.sampling)
+        params = SamplingParams(n=n, seed=derived_seed(self.seed, next(self.calls)), max_new_tokens=1, **self.sampling)
         outs = generate_scaffold(self.backend, chats, self.segments, params)
         return [[format_refinement(*o.segments) for o in per_chat] for per_chat in outs]
 

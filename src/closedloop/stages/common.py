@@ -13,7 +13,7 @@ from closedloop.io import atomic_dir, write_json
 
 def open_backend(params: Any, root: Path, model_dir: str | Path, batch_size: int, show_progress: bool = False):
     """The default generation backend over the checkpoint at model_dir, in model.dtype."""
-    from closedloop.generate import DEFAULT_BACKEND, make_backend
+    from closedloop.backends import DEFAULT_BACKEND, make_backend
     from closedloop.models import load_model
 
     model, tok = load_model(root / model_dir, dtype=params.model.dtype,

@@ -123,7 +123,7 @@ def _tokens_per_second(backend: Any, prompts: list, tokens: int, seed: int) -> f
 def run_eval(params: Any, root: Path, key: str | None) -> None:
     from closedloop.engine.proxy import check_vocabularies
     from closedloop.evaluate.suites import get_suite
-    from closedloop.generate import make_backend
+    from closedloop.backends import make_backend
 
     from transformers.utils import logging as hf_logging
 

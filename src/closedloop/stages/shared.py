@@ -164,6 +164,8 @@ def run_compare(params: Any, root: Path, key: str | None) -> None:
         result = compare.compare_suite(by_model, metrics, ref, e.bootstrap, params.seed)
         results[suite_name] = result
         sections.append(compare.markdown(suite_name, result, label))
+        if samples := compare.samples_markdown(suite_name, by_model, ref, metrics[0]):
+            sections.append(samples)
         rows += compare.plot_rows(suite_name, result)
         deltas[suite_name] = _log_deltas(result)
         if suite_name in e.suites:

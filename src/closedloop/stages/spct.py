@@ -56,13 +56,14 @@ def _grm(params: Any) -> Any:
 
 def _judge(params: Any, backend: Any, examples: list[dict], n: int, *, greedy: bool = False,
            principles: bool | None = None, hinted: bool = False, seed_offset: int = 0) -> list[list[Any]]:
+    from closedloop.generate import derived_seed
     from closedloop.verifiers.grm import judge
 
     g = _grm(params)
     return judge(backend, examples, n=n, temperature=0.0 if greedy else g.temperature, top_p=g.top_p,
                  principles_tokens=g.principles_tokens, critique_tokens=g.critique_tokens,
                  principles=g.principles if principles is None else principles, score_mode=g.score_mode,
-                 seed=params.seed * 1_000_003 + seed_offset, shuffle=not greedy, hinted=hinted,
+                 seed=derived_seed(params.seed, seed_offset), shuffle=not greedy, hinted=hinted,
                  max_chars=params.spct.data.max_chars, batch_size=params.spct.batch_size)
 
 
@@ -160,11 +161,13 @@ def run_grpo(params: Any, root: Path, key: str | None) -> None:
                              seed=params.seed, dtype=params.model.dtype)
     history = metrics.pop("history")
     for h in history:
-        mlflow.log_metrics({"reward": h["reward"], "kl": h["kl"], "completion_length": h["completion_length"]},
-                           step=h["step"])
+        mlflow.log_metrics({"reward": h["reward"], "kl": h["kl"], "completion_length": h["completion_length"],
+                            "groups_differing": h["groups_differing"]}, step=h["step"])
     write_json(root / DATA / "grpo_steps.json", history)
     metrics |= {"final_reward": history[-1]["reward"] if history else 0.0,
-                "first_reward": history[0]["reward"] if history else 0.0}
+                "first_reward": history[0]["reward"] if history else 0.0,
+                # the share of prompt groups GRPO could learn from (0: every advantage was 0)
+                "groups_differing": sum(h["groups_differing"] for h in history) / len(history) if history else 0.0}
     log_training(metrics, root / DATA / "grpo_metrics.json")
 
 

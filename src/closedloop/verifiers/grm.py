@@ -27,7 +27,6 @@ is (score - 1) / 9, so best-of-N can select with it like with any verifier.
 
 from __future__ import annotations
 
-import inspect
 import random
 import re
 from collections.abc import Sequence
@@ -116,25 +115,20 @@ def box_distributions(model: Any, tokenizer: Any, prompts: Sequence[Any], counts
     """
     import torch
 
-    from closedloop.generate import encode_prompt
+    from closedloop.generate import encode_prompt, eval_mode
 
     digits = _digit_ids(tokenizer)
     comma = tokenizer.encode(",", add_special_tokens=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=encoded.__getitem__)
-    was_training = model.training
-    model.eval()
     out: list[list[list[float]]] = [[] for _ in encoded]
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(order), batch_size):
-                idx = order[b: b + batch_size]
-                dists = _box_batch(model, [encoded[i] for i in idx], [counts[i] for i in idx], digits, comma, pad)
-                for i, d in zip(idx, dists):
-                    out[i] = d
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            dists = _box_batch(model, [encoded[i] for i in idx], [counts[i] for i in idx], digits, comma, pad)
+            for i, d in zip(idx, dists):
+                out[i] = d
     return out
 
 
@@ -151,17 +145,17 @@ def _box_batch(model: Any, chunk: list[list[int]], counts: list[int], digits: li
                pad: int) -> list[list[list[float]]]:
     import torch
 
-    from closedloop.engine.backend import left_pad
+    from closedloop.generate import logits_to_keep, pad_batch
 
     dev = model.device
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = logits_to_keep(model, 1)
     rows = len(chunk)
     shared = _common_prefix(chunk)
     cache = None
     if shared:  # one prefill of the shared prefix, repeated for every row
         cache = model(input_ids=torch.tensor([chunk[0][:shared]], device=dev), use_cache=True, **keep).past_key_values
         cache.batch_repeat_interleave(rows)
-    ids, own = left_pad([c[shared:] for c in chunk], pad, dev)  # a hole between prefix and suffix
+    ids, own = pad_batch([c[shared:] for c in chunk], pad, device=dev)  # a hole between prefix and suffix
     mask = torch.cat([torch.ones((rows, shared), dtype=own.dtype, device=dev), own], -1)
     pos = (shared + own.cumsum(-1) - 1).clamp(min=0)
     res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **keep)
@@ -181,12 +175,7 @@ def _box_batch(model: Any, chunk: list[list[int]], counts: list[int], digits: li
             break
         # feed "<most probable integer>," per row, left-padded within the step (a hole in the mask)
         feeds = [[digits[int(d)] for d in str(int(probs[r].argmax()) + MIN_SCORE)] + comma for r in range(rows)]
-        width = max(len(f) for f in feeds)
-        f_ids = torch.full((rows, width), pad, dtype=torch.long, device=dev)
-        f_mask = torch.zeros((rows, width), dtype=torch.long, device=dev)
-        for r, f in enumerate(feeds):
-            f_ids[r, width - len(f):] = torch.tensor(f, dtype=torch.long)
-            f_mask[r, width - len(f):] = 1
+        f_ids, f_mask = pad_batch(feeds, pad, device=dev)
         f_pos = last + f_mask.cumsum(-1)
         mask = torch.cat([mask, f_mask], -1)
         res = model(input_ids=f_ids, attention_mask=mask, position_ids=f_pos, past_key_values=cache, use_cache=True,
@@ -371,7 +360,7 @@ class GenerativeRMVerifier(Verifier):
                  principles_tokens: int = 32, critique_tokens: int = 48, threshold: float = 6.0,
                  batch_size: int = 16, max_chars: int | None = 1200, dtype: str = "float32",
                  trust_remote_code: bool = False) -> None:
-        from closedloop.generate import DEFAULT_BACKEND, make_backend
+        from closedloop.backends import DEFAULT_BACKEND, make_backend
         from closedloop.models import load_model
 
         m, tok = load_model(Path(model), dtype=dtype, trust_remote_code=trust_remote_code)
