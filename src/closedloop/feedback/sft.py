@@ -16,12 +16,10 @@ from closedloop.feedback.common import (live_metrics, load_for_training, loss_hi
 
 
 def train_sft(model_dir: Path, examples: list[dict], out_dir: Path, sft: Any, *, seed: int,
-              dtype: str = "float32", max_steps: int | None = None) -> dict:
-    """Train on `examples` from the checkpoint in model_dir; save into out_dir (see `save_trained`).
-    `max_steps`: this many optimizer steps, cycling through the examples, instead of `sft.epochs`."""
+              dtype: str = "float32") -> dict:
+    """Train on `examples` from the checkpoint in model_dir; save into out_dir (see `save_trained`)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    trainer = sft_trainer(model_dir, examples, out_dir, sft, seed=seed, dtype=dtype,
-                          **({"max_steps": max_steps} if max_steps else {}))
+    trainer = sft_trainer(model_dir, examples, out_dir, sft, seed=seed, dtype=dtype)
     result = trainer.train()
     saved = save_trained(trainer, trainer.processing_class, model_dir, out_dir, sft, dtype=dtype)
     return {

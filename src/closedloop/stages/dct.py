@@ -17,7 +17,6 @@ models/dct) with the `fact_verification` suite, in the comparison report; the ab
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -176,10 +175,8 @@ def run_solve(params: Any, root: Path, key: str | None) -> None:
     mlflow.log_table(pd.DataFrame(stats), "graph_summary.json")
 
 
-def _train(params: Any, root: Path, rows: list[dict], out: str, metrics_path: Path,
-           max_steps: int | None = None) -> None:
-    """SFT from models/base on (claim, label) rows, in the evaluation's claim format, into `out`
-    (for `max_steps` optimizer steps when given, else `dct.sft.epochs`)."""
+def _train(params: Any, root: Path, rows: list[dict], out: str, metrics_path: Path) -> None:
+    """SFT from models/base on (claim, label) rows, in the evaluation's claim format, into `out`."""
     from closedloop.evaluate.fact_verification import training_example
     from closedloop.feedback.sft import train_sft
 
@@ -188,7 +185,7 @@ def _train(params: Any, root: Path, rows: list[dict], out: str, metrics_path: Pa
     examples = [training_example(r["claim"], r["label"], fmt) for r in labelled]
     with atomic_dir(root / out) as tmp:
         metrics = train_sft(root / "models/base", examples, tmp, params.dct.sft.value(), seed=params.seed,
-                            dtype=params.model.dtype, max_steps=max_steps)
+                            dtype=params.model.dtype)
         if (tmp / "adapter").is_dir():
             mlflow.log_artifacts(str(tmp / "adapter"), artifact_path="adapter")
     metrics["true_fraction"] = sum(r["label"] for r in rows) / len(rows)
@@ -203,12 +200,9 @@ def run_train(params: Any, root: Path, key: str | None) -> None:
 
 
 def run_train_seeds(params: Any, root: Path, key: str | None) -> None:
-    """The ablation: the same SFT on the seed claims alone (models/dct-seeds), for as many optimizer
-    steps as DCT's training took (dct_train's metrics), so that a difference between the two comes
-    from what they learn, not from how long: on its fewer examples, the ablation sees each more often."""
+    """The ablation: the same SFT on the seed claims alone (models/dct-seeds)."""
     rows = dct.seed_only_rows(read_jsonl(root / DATA / "scored.jsonl"))
-    steps = json.loads((root / DATA / "train_metrics.json").read_text())["train_steps"]
-    _train(params, root, rows, "models/dct-seeds", root / DATA / "train_seeds_metrics.json", max_steps=int(steps))
+    _train(params, root, rows, "models/dct-seeds", root / DATA / "train_seeds_metrics.json")
 
 
 # The models coherence is measured for, by name (their records: data/dct/coherence/<name>/records.jsonl)
