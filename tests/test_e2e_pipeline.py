@@ -140,7 +140,7 @@ def test_flow_runs_whole_graph_with_mlflow_lineage(project):
     assert [m.step for m in grpo] == [1, 2] and all(-1.0 <= m.value <= 1.0 for m in grpo)
     differing = client.get_metric_history(by_stage["spct_grpo"].info.run_id, "groups_differing")
     assert [m.step for m in differing] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in differing)
-    assert 0.0 <= by_stage["spct_grpo"].data.metrics["groups_differing"] <= 1.0
+    assert 0.0 <= by_stage["spct_grpo"].data.metrics["mean_groups_differing"] <= 1.0
     spct_eval = by_stage["spct_eval"].data.metrics
     assert {"accuracy/grm-vote4", "accuracy/scalar-rm", "parse_failure_rate/grm", "best_of_2/reward_model",
             "best_of_2/generative_rm", "best_of_2/ifeval_rules"} <= set(spct_eval)

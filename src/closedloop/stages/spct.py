@@ -167,7 +167,7 @@ def run_grpo(params: Any, root: Path, key: str | None) -> None:
     metrics |= {"final_reward": history[-1]["reward"] if history else 0.0,
                 "first_reward": history[0]["reward"] if history else 0.0,
                 # the share of prompt groups GRPO could learn from (0: every advantage was 0)
-                "groups_differing": sum(h["groups_differing"] for h in history) / len(history) if history else 0.0}
+                "mean_groups_differing": sum(h["groups_differing"] for h in history) / len(history) if history else 0.0}
     log_training(metrics, root / DATA / "grpo_metrics.json")
 
 
